@@ -1,0 +1,46 @@
+"""Class activation maps in closed form (spec section 2.4).
+
+After fire9 the network is a 1x1 conv, global average pooling and softmax, so torchcam's
+XGradCAM of the predicted class's probability reduces exactly to the classical CAM of the
+logit difference: for stream s and predicted class c,
+
+    cam_s = minmax(relu(sum_k (W10[k, c] - W10[k, 1 - c]) * A^s[..., k]))
+
+No backward pass is needed. Deviation (B20): the normalisation divides by `max + 1e-8`, so a
+constant map becomes all zeros instead of the original's all-NaN; `raa.bmode_centre` reproduces
+the original's centre for that case when faithful.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NORMALISATION_EPS = 1e-8
+
+
+def minmax_normalise(cam: jax.Array) -> jax.Array:
+    """Per-sample (cam - min) / max_after_shift, (B, h, w) -> (B, h, w) in [0, 1]."""
+    cam = cam - cam.min(axis=(1, 2), keepdims=True)
+    return cam / (cam.max(axis=(1, 2), keepdims=True) + NORMALISATION_EPS)
+
+
+def closed_form_cams(
+    f9_bmode: jax.Array, f9_swe: jax.Array, conv10_kernel: jax.Array, probs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """CAMs of the predicted class for both streams, constants for differentiation.
+
+    f9_*: (B, h, w, K) fire9 activations of the warm-off pass; conv10_kernel: (1, 1, 2K, 2)
+    with the B-mode channels first; probs: (B, 2). Returns two (B, h, w) maps in [0, 1].
+    """
+    w = conv10_kernel.reshape(conv10_kernel.shape[-2], conv10_kernel.shape[-1])  # (2K, 2)
+    c = jnp.argmax(probs, axis=-1)
+    diff = (w[:, c] - w[:, 1 - c]).T  # (B, 2K)
+    k = f9_bmode.shape[-1]
+    hp = jax.lax.Precision.HIGHEST
+
+    def one(a, d):
+        return minmax_normalise(jax.nn.relu(jnp.einsum("bk,bhwk->bhw", d, a, precision=hp)))
+
+    cams = one(f9_bmode, diff[:, :k]), one(f9_swe, diff[:, k:])
+    return jax.lax.stop_gradient(cams[0]), jax.lax.stop_gradient(cams[1])

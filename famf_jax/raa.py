@@ -1,0 +1,150 @@
+"""Region Awareness Alignment: lesion centres from CAMs, region masks and integer shifts.
+
+Pure jnp with static shapes, vmapped over the batch, so it runs inside the jitted forward
+(the original does this on the host with numpy/scipy, spec section 2.5 and B1).
+
+All sizes derive from the side S of the MAF grid (S = H/2 for H x H inputs):
+SWE window S/4, mask half-size S/8. Centres are (row, col) int32 on the S x S grid.
+
+Deviations from the original unless `faithful` (spec section 6):
+- B3: shifts use the right axes (rows by the row difference); faithful swaps them.
+- B4: the B-mode low-gradient threshold is relative, `gmag < 0.2 * max(gmag)` (a flat map is
+  one whole-map component); faithful uses the absolute `gmag < 0.2`, which in practice makes the
+  component the whole map and the centre (S/2, S/2).
+- B20: a constant CAM (all zero after normalisation) is NaN in the original, which puts the
+  B-mode centre at (0, 0); faithful reproduces that, corrected mode treats the map as flat.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+GRADIENT_THRESHOLD = 0.2
+PROPAGATION_STEPS_PER_ITERATION = 8
+
+
+def upsample_cam(cam: jax.Array, size: int) -> jax.Array:
+    """Bilinear (align_corners=False) upsampling, (B, h, w) -> (B, size, size)."""
+    return jax.image.resize(cam, (cam.shape[0], size, size), method="bilinear")
+
+
+def np_gradient(f: jax.Array, axis: int) -> jax.Array:
+    """numpy.gradient along one axis: central inside, one-sided at the two borders."""
+    f = jnp.moveaxis(f, axis, 0)
+    g = jnp.concatenate([f[1:2] - f[:1], (f[2:] - f[:-2]) / 2, f[-1:] - f[-2:-1]], axis=0)
+    return jnp.moveaxis(g, 0, axis)
+
+
+def _grow(comp: jax.Array, mask: jax.Array) -> jax.Array:
+    """One 4-connected dilation step of `comp`, restricted to `mask`. (S, S) bool."""
+    grown = comp
+    grown = grown.at[1:, :].set(grown[1:, :] | comp[:-1, :])
+    grown = grown.at[:-1, :].set(grown[:-1, :] | comp[1:, :])
+    grown = grown.at[:, 1:].set(grown[:, 1:] | comp[:, :-1])
+    grown = grown.at[:, :-1].set(grown[:, :-1] | comp[:, 1:])
+    return grown & mask
+
+
+def connected_component(mask: jax.Array, seed: jax.Array) -> jax.Array:
+    """The 4-connected component of `mask` (S, S) containing `seed` (S, S one-hot), by propagation."""
+
+    def body(state):
+        comp, _ = state
+        new = comp
+        for _ in range(PROPAGATION_STEPS_PER_ITERATION):
+            new = _grow(new, mask)
+        return new, jnp.any(new != comp)
+
+    comp, _ = jax.lax.while_loop(lambda s: s[1], body, (seed & mask, jnp.array(True)))
+    return comp
+
+
+def _bbox_centre(comp: jax.Array) -> jax.Array:
+    """Centre ((r0 + r1) // 2, (c0 + c1) // 2) of the bounding box, stop indices exclusive."""
+
+    def centre(any_along: jax.Array) -> jax.Array:
+        n = any_along.shape[0]
+        start = jnp.argmax(any_along)
+        stop = n - jnp.argmax(any_along[::-1])
+        return (start + stop) // 2
+
+    return jnp.stack([centre(comp.any(axis=1)), centre(comp.any(axis=0))]).astype(jnp.int32)
+
+
+def bmode_centre(cam: jax.Array, faithful: bool) -> jax.Array:
+    """B-mode lesion centre of one upsampled CAM (S, S) in [0, 1] -> (2,) int32 (row, col).
+
+    Argmax, then the bounding-box centre of its low-gradient 4-connected component; the argmax
+    itself when the argmax pixel is not low-gradient.
+    """
+    s = cam.shape[0]
+    peak = jnp.argmax(cam.reshape(-1))
+    xm, ym = peak // s, peak % s
+    gmag = jnp.hypot(np_gradient(cam, 0), np_gradient(cam, 1))
+    if faithful:
+        mask = gmag < GRADIENT_THRESHOLD
+    else:
+        gmax = gmag.max()
+        mask = jnp.where(gmax > 0, gmag < GRADIENT_THRESHOLD * gmax, True)
+    seed = jnp.zeros_like(mask).at[xm, ym].set(True)
+    comp = connected_component(mask, seed)
+    centre = jnp.where(mask[xm, ym], _bbox_centre(comp), jnp.stack([xm, ym]).astype(jnp.int32))
+    if faithful:
+        # The original's 0/0 CAM is all-NaN: argmax 0, `NaN < 0.2` False, centre (0, 0) (B20).
+        centre = jnp.where(cam.max() > 0, centre, jnp.zeros(2, jnp.int32))
+    return centre
+
+
+def swe_centre(cam: jax.Array) -> jax.Array:
+    """SWE lesion centre: the S/4 x S/4 window with the largest CAM sum -> (2,) int32."""
+    s = cam.shape[0]
+    w = s // 4
+    sums = jax.lax.reduce_window(cam, 0.0, jax.lax.add, (w, w), (1, 1), "VALID")
+    n = sums.shape[1]
+    best = jnp.argmax(sums.reshape(-1))
+    return jnp.stack([best // n + w // 2, best % n + w // 2]).astype(jnp.int32)
+
+
+def region_mask(centre: jax.Array, size: int) -> jax.Array:
+    """(size, size) float mask of the S/4-wide square around `centre`, clipped at the border."""
+    half = size // 8
+    idx = jnp.arange(size)
+    rows = (idx >= jnp.maximum(0, centre[0] - half)) & (idx < jnp.minimum(size, centre[0] + half))
+    cols = (idx >= jnp.maximum(0, centre[1] - half)) & (idx < jnp.minimum(size, centre[1] + half))
+    return (rows[:, None] & cols[None, :]).astype(jnp.float32)
+
+
+def shift(x: jax.Array, d: jax.Array) -> jax.Array:
+    """out[r, c] = x[r + d[0], c + d[1]], zero outside. x: (S, S, C), d: (2,) int."""
+    s0, s1 = x.shape[0], x.shape[1]
+    rows = jnp.arange(s0) + d[0]
+    cols = jnp.arange(s1) + d[1]
+    out = jnp.take(x, jnp.clip(rows, 0, s0 - 1), axis=0)
+    out = jnp.take(out, jnp.clip(cols, 0, s1 - 1), axis=1)
+    valid = ((rows >= 0) & (rows < s0))[:, None] & ((cols >= 0) & (cols < s1))[None, :]
+    return out * valid[:, :, None].astype(x.dtype)
+
+
+def alignment(cam_bmode: jax.Array, cam_swe: jax.Array, size: int, faithful: bool) -> dict:
+    """RAA for a batch of CAMs (B, h, w): centres, region masks and the two shifts.
+
+    Returns centre_bmode, centre_swe (B, 2) int32; mask_bmode, mask_swe (B, S, S) float32;
+    shift_to_bmode (moves the SWE region onto the B-mode centre) and shift_to_swe, (B, 2) int32.
+    """
+    cam_b = upsample_cam(cam_bmode, size)
+    cam_s = upsample_cam(cam_swe, size)
+    c_b = jax.vmap(lambda c: bmode_centre(c, faithful))(cam_b)
+    c_s = jax.vmap(swe_centre)(cam_s)
+    to_bmode = c_s - c_b  # out[c_b] = in[c_b + (c_s - c_b)] = in[c_s]
+    if faithful:
+        to_bmode = to_bmode[:, ::-1]  # B3: row difference applied to columns and vice versa
+    mask = jax.vmap(lambda c: region_mask(c, size))
+    return dict(
+        centre_bmode=c_b,
+        centre_swe=c_s,
+        mask_bmode=mask(c_b),
+        mask_swe=mask(c_s),
+        shift_to_bmode=to_bmode,
+        shift_to_swe=-to_bmode,
+    )

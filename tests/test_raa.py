@@ -1,0 +1,128 @@
+"""RAA against plain numpy/scipy implementations written from the spec (section 2.5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage, signal
+
+from famf_jax import raa
+
+
+def reference_bmode_centre(f, threshold_rule):
+    xm, ym = np.unravel_index(np.argmax(f), f.shape)
+    gmag = np.hypot(np.gradient(f, axis=0), np.gradient(f, axis=1))
+    mask = threshold_rule(gmag)
+    labels, _ = ndimage.label(mask)
+    lab = labels[xm, ym]
+    if lab == 0:
+        return xm, ym
+    rows, cols = ndimage.find_objects(labels)[lab - 1]
+    return (rows.start + rows.stop) // 2, (cols.start + cols.stop) // 2
+
+
+def reference_swe_centre(f):
+    w = f.shape[0] // 4
+    s = signal.convolve2d(f, np.ones((w, w)), "valid")
+    u, v = np.unravel_index(np.argmax(s), s.shape)
+    return u + w // 2, v + w // 2
+
+
+def blob_cams(rng, n, size):
+    yy, xx = np.mgrid[:size, :size]
+    cams = []
+    for _ in range(n):
+        f = np.zeros((size, size))
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(0, size, 2)
+            sigma = rng.uniform(0.5, 6)
+            f += rng.uniform(0.3, 1) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+        f += 0.02 * rng.random((size, size))
+        cams.append((f - f.min()) / (f.max() - f.min()))
+    return np.stack(cams).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["random", "blob"])
+@pytest.mark.parametrize("faithful", [True, False])
+def test_bmode_centre_matches_scipy(rng, kind, faithful):
+    size = 32
+    if kind == "random":
+        # Coarse random maps upsampled x4, as the real CAMs are, so components are non-trivial.
+        cams = np.asarray(raa.upsample_cam(jnp.asarray(rng.random((12, 8, 8)), jnp.float32), size))
+    else:
+        cams = blob_cams(rng, 12, size)
+    if faithful:
+        rule = lambda g: g < 0.2
+    else:
+        rule = lambda g: g < 0.2 * g.max()
+    got = np.asarray(jax.jit(jax.vmap(lambda c: raa.bmode_centre(c, faithful)))(cams))
+    cams64 = cams.astype(np.float64)
+    want = np.array([reference_bmode_centre(c, rule) for c in cams64])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bmode_centre_local_component_and_fallback():
+    f = np.zeros((16, 16), np.float32)
+    f[3:6, 9:13] = 1.0  # plateau: low-gradient component inside, steep border
+    got = raa.bmode_centre(jnp.asarray(f), faithful=False)
+    want = reference_bmode_centre(f.astype(np.float64), lambda g: g < 0.2 * g.max())
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # A single spike: its own pixel is not low-gradient for the absolute threshold -> argmax.
+    g = np.zeros((16, 16), np.float32)
+    g[7, 2] = 1.0
+    np.testing.assert_array_equal(np.asarray(raa.bmode_centre(jnp.asarray(g), True)), [7, 2])
+
+
+def test_all_zero_cam_b20():
+    z = jnp.zeros((128, 128))
+    np.testing.assert_array_equal(np.asarray(raa.bmode_centre(z, faithful=True)), [0, 0])
+    np.testing.assert_array_equal(np.asarray(raa.bmode_centre(z, faithful=False)), [64, 64])
+    np.testing.assert_array_equal(np.asarray(raa.swe_centre(z)), [16, 16])
+
+
+def test_swe_centre_matches_scipy(rng):
+    cams = np.concatenate([blob_cams(rng, 8, 32), rng.random((8, 32, 32)).astype(np.float32)])
+    got = np.asarray(jax.vmap(raa.swe_centre)(jnp.asarray(cams)))
+    want = np.array([reference_swe_centre(c.astype(np.float64)) for c in cams])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_region_mask_loop():
+    size = 32
+    for centre in [(0, 0), (5, 30), (16, 16), (31, 2)]:
+        m = np.asarray(raa.region_mask(jnp.asarray(centre), size))
+        want = np.zeros((size, size))
+        h = size // 8
+        want[max(0, centre[0] - h) : min(size, centre[0] + h),
+             max(0, centre[1] - h) : min(size, centre[1] + h)] = 1  # fmt: skip
+        np.testing.assert_array_equal(m, want)
+
+
+def test_shift_against_loop(rng):
+    x = rng.normal(size=(10, 12, 3)).astype(np.float32)
+    for d in [(0, 0), (3, -2), (-9, 11), (10, 0), (-4, -12)]:
+        got = np.asarray(raa.shift(jnp.asarray(x), jnp.asarray(d)))
+        want = np.zeros_like(x)
+        for r in range(10):
+            for c in range(12):
+                if 0 <= r + d[0] < 10 and 0 <= c + d[1] < 12:
+                    want[r, c] = x[r + d[0], c + d[1]]
+        np.testing.assert_array_equal(got, want)
+
+
+def test_alignment_moves_swe_region_onto_bmode_centre():
+    size = 32
+    cam_b = np.zeros((1, 4, 4), np.float32)
+    cam_s = np.zeros((1, 4, 4), np.float32)
+    cam_b[0, 0, 3] = 1.0
+    cam_s[0, 3, 0] = 1.0
+    out = raa.alignment(jnp.asarray(cam_b), jnp.asarray(cam_s), size, faithful=False)
+    cb, cs = np.asarray(out["centre_bmode"][0]), np.asarray(out["centre_swe"][0])
+    feat = np.asarray(out["mask_swe"][0])[..., None]
+    moved = np.asarray(raa.shift(jnp.asarray(feat), out["shift_to_bmode"][0]))[..., 0]
+    np.testing.assert_array_equal(moved, np.asarray(raa.region_mask(jnp.asarray(cb), size)))
+    assert moved[tuple(cb)] == 1 and tuple(cb) != tuple(cs)
+    swapped = raa.alignment(jnp.asarray(cam_b), jnp.asarray(cam_s), size, faithful=True)
+    d = np.asarray(swapped["centre_swe"][0] - swapped["centre_bmode"][0])
+    np.testing.assert_array_equal(np.asarray(swapped["shift_to_bmode"][0]), d[::-1])
+    np.testing.assert_array_equal(np.asarray(swapped["shift_to_swe"][0]), -d[::-1])
