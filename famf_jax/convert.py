@@ -17,8 +17,13 @@ import numpy as np
 from famf_jax import handcrafted
 from famf_jax.model import FAMFNet, init_variables
 
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}  # fmt: skip
+_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 _FROZEN_EDGE_KEYS = ("muatt_1.edge_extract.Gx_weight", "muatt_1.edge_extract.Gy_weight")
 
 

@@ -22,7 +22,7 @@ from famf_jax.layers import BN_EPSILON, BN_MOMENTUM, TorchConv, avg_pool2
 
 
 def channel_attention(query: jax.Array, value: jax.Array, scaled: bool) -> jax.Array:
-    """softmax_j(sum_n q[n, i] v[n, j]) applied to v: (B, S, S, C) x (B, S, S, C) -> (B, S, S, C)."""
+    """Attention softmax_j(sum_n q[n, i] v[n, j]) applied to v; (B, S, S, C) each."""
     b, h, w, c = value.shape
     q = query.reshape(b, h * w, c)
     v = value.reshape(b, h * w, c)

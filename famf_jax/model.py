@@ -22,8 +22,16 @@ from famf_jax.maf import MutualAttentionFusion
 
 STREAM_SUFFIX = {"bmode": "1", "swe": "2"}
 # (index, output channels, squeeze channels) of fire2..fire9.
-FIRES = ((2, 128, 16), (3, 128, 16), (4, 256, 32), (5, 256, 32),
-         (6, 384, 48), (7, 384, 48), (8, 512, 64), (9, 512, 64))  # fmt: skip
+FIRES = (
+    (2, 128, 16),
+    (3, 128, 16),
+    (4, 256, 32),
+    (5, 256, 32),
+    (6, 384, 48),
+    (7, 384, 48),
+    (8, 512, 64),
+    (9, 512, 64),
+)
 RESIDUAL_FIRES = (3, 5, 7)
 POOLED_FIRES = (4, 8)
 
@@ -82,7 +90,7 @@ class FAMFNet(nn.Module):
         train: bool = False,
         f2: dict | None = None,
     ) -> dict:
-        """One forward pass. `warm` (static) turns RAA + MAF on and then needs the CAMs (B, H/8, W/8).
+        """One forward pass; `warm` (static) turns RAA + MAF on, with CAMs (B, H/8, W/8).
 
         `f2` ({modality: (B, H/2, W/2, 128)}) reuses the stem + fire2 outputs of an earlier pass
         on the same batch. Returns logits, probs (B, 2); f2_<m>, f9_<m> per stream; with warm,

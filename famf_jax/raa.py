@@ -47,7 +47,7 @@ def _grow(comp: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def connected_component(mask: jax.Array, seed: jax.Array) -> jax.Array:
-    """The 4-connected component of `mask` (S, S) containing `seed` (S, S one-hot), by propagation."""
+    """4-connected component of `mask` (S, S) holding the one-hot `seed`, by propagation."""
 
     def body(state):
         comp, _ = state

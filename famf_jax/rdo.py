@@ -135,8 +135,14 @@ def batch_counts(probs: jax.Array, labels: jax.Array) -> jax.Array:
     """(tp, fp, tn, fn) of argmax predictions, class 1 positive."""
     pred = jnp.argmax(probs, -1)
     pos, neg = labels == 1, labels == 0
-    return jnp.stack([jnp.sum((pred == 1) & pos), jnp.sum((pred == 1) & neg),
-                      jnp.sum((pred == 0) & neg), jnp.sum((pred == 0) & pos)]).astype(jnp.float32)  # fmt: skip
+    return jnp.stack(
+        [
+            jnp.sum((pred == 1) & pos),
+            jnp.sum((pred == 1) & neg),
+            jnp.sum((pred == 0) & neg),
+            jnp.sum((pred == 0) & pos),
+        ]
+    ).astype(jnp.float32)
 
 
 def batch_reward(counts: jax.Array, tn_for_specificity: jax.Array | None = None) -> jax.Array:
@@ -167,8 +173,14 @@ def init_state(cfg: RDOConfig, key: jax.Array, state_dim: int) -> RDOState:
     q_params = init_qnetwork(_qnet(cfg), k_net, state_dim)
     n = cfg.buffer_size
     f32 = jnp.float32
-    buf = Buffer(jnp.zeros((n, state_dim), f32), jnp.zeros((n, 2), jnp.int32), jnp.zeros(n, f32),
-                 jnp.zeros((n, state_dim), f32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))  # fmt: skip
+    buf = Buffer(
+        jnp.zeros((n, state_dim), f32),
+        jnp.zeros((n, 2), jnp.int32),
+        jnp.zeros(n, f32),
+        jnp.zeros((n, state_dim), f32),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
     return RDOState(
         alpha0=jnp.asarray(cfg.alpha0_init, f32),
         gamma=jnp.asarray(cfg.gamma_init, f32),
@@ -235,8 +247,14 @@ def push(buf: Buffer, s, a, r, s_next, valid: jax.Array) -> Buffer:
 
     n = buf.state.shape[0]
     inc = valid.astype(jnp.int32)
-    return Buffer(put(buf.state, s), put(buf.action, a), put(buf.reward, r),
-                  put(buf.next_state, s_next), (i + inc) % n, jnp.minimum(buf.count + inc, n))  # fmt: skip
+    return Buffer(
+        put(buf.state, s),
+        put(buf.action, a),
+        put(buf.reward, r),
+        put(buf.next_state, s_next),
+        (i + inc) % n,
+        jnp.minimum(buf.count + inc, n),
+    )
 
 
 def sample_indices(key: jax.Array, count: jax.Array, capacity: int, k: int) -> jax.Array:
@@ -277,7 +295,9 @@ def _learn(cfg: RDOConfig, st: RDOState, key: jax.Array):
     return params, pick(opt_state, st.q_opt_state), jnp.where(ready, loss, st.dqn_loss)
 
 
-def transform(cfg: RDOConfig, state_dim: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+def transform(
+    cfg: RDOConfig, state_dim: int, seed: int = 0
+) -> optax.GradientTransformationExtraArgs:
     """The agent as an optax transform: gradients pass through; the agent learns on the side.
 
     Extras of `update`: rdo_selection (Selection of this step), rdo_state (the state vector),
@@ -288,13 +308,28 @@ def transform(cfg: RDOConfig, state_dim: int, seed: int = 0) -> optax.GradientTr
         del params
         return init_state(cfg, jax.random.key(seed), state_dim)
 
-    def update_fn(updates, st: RDOState, params=None, *, rdo_selection, rdo_state, rdo_counts,
-                  rdo_new_epoch, **_):  # fmt: skip
+    def update_fn(
+        updates,
+        st: RDOState,
+        params=None,
+        *,
+        rdo_selection,
+        rdo_state,
+        rdo_counts,
+        rdo_new_epoch,
+        **_,
+    ):
         del params
         cum_tn = jnp.where(rdo_new_epoch, 0.0, st.cumulative_tn) + rdo_counts[2]
         reward = batch_reward(rdo_counts, cum_tn if cfg.faithful else None)
-        buf = push(st.buffer, st.pending_state, st.pending_action, st.pending_reward,
-                   rdo_state, st.pending_valid)  # fmt: skip
+        buf = push(
+            st.buffer,
+            st.pending_state,
+            st.pending_action,
+            st.pending_reward,
+            rdo_state,
+            st.pending_valid,
+        )
         st = st._replace(buffer=buf)
         k_learn = jax.random.fold_in(jax.random.fold_in(st.key, st.step), 1)
         q_params, q_opt, loss = _learn(cfg, st, k_learn)

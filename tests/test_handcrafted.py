@@ -38,6 +38,7 @@ def test_colour_moments_direct(rng):
                 m = v.mean()
                 var = v.var(ddof=1)
                 skew = ((v - m) ** 3).mean() / (np.sqrt(var) ** 3 + 1e-6)
-                np.testing.assert_allclose(got[0, r, c, [ch, 3 + ch, 6 + ch]], [m, var, skew],
-                                           atol=2e-5, rtol=1e-4)
+                np.testing.assert_allclose(
+                    got[0, r, c, [ch, 3 + ch, 6 + ch]], [m, var, skew], atol=2e-5, rtol=1e-4
+                )
     assert np.abs(got[0, 2:7, 2:4, 3:]).max() < 1e-9  # windows inside the flat band

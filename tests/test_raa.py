@@ -93,8 +93,10 @@ def test_region_mask_loop():
         m = np.asarray(raa.region_mask(jnp.asarray(centre), size))
         want = np.zeros((size, size))
         h = size // 8
-        want[max(0, centre[0] - h) : min(size, centre[0] + h),
-             max(0, centre[1] - h) : min(size, centre[1] + h)] = 1  # fmt: skip
+        want[
+            max(0, centre[0] - h) : min(size, centre[0] + h),
+            max(0, centre[1] - h) : min(size, centre[1] + h),
+        ] = 1
         np.testing.assert_array_equal(m, want)
 
 

@@ -1,0 +1,111 @@
+"""Eval-mode inference: the original's two-pass procedure in one jitted function (spec 2.4).
+
+Pass 1 runs with the warm flag off (the plain two-stream network), the CAMs follow in closed
+form from its fire9 maps, and pass 2 runs RAA + MAF with them, reusing pass 1's stem and fire2
+outputs (identical in eval mode). Everything needed is in the variables and the input shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from famf_jax.cam import closed_form_cams
+from famf_jax.model import STREAM_SUFFIX, FAMFNet
+
+
+def modalities_of(params) -> tuple[str, ...]:
+    """The streams present in a parameter tree (both, or one for a single-modality ablation)."""
+    return tuple(m for m, sfx in STREAM_SUFFIX.items() if f"stem_{sfx}" in params)
+
+
+def two_pass(
+    model: FAMFNet,
+    variables,
+    bmode,
+    swe,
+    *,
+    warm: bool,
+    train: bool = False,
+    every_pass_statistics: bool = False,
+) -> tuple[dict, dict]:
+    """CAM pass (warm off), closed-form CAMs, main pass; returns (main output, batch_stats).
+
+    The main output carries cam_bmode/cam_swe when warm. In train mode only the main pass's
+    batch statistics are kept, and stem + fire2 (identical in both passes) run once; with
+    `every_pass_statistics` (faithful B11) both passes run in full and both update the
+    statistics, in the original's order. Without warm (or fusion) one pass is the main pass,
+    except under `every_pass_statistics`, where the original's second pass still runs.
+    """
+
+    def run(stats, *args, **kw):
+        vs = {"params": variables["params"], "batch_stats": stats}
+        if not train:
+            return model.apply(vs, *args, train=False, **kw), stats
+        out, upd = model.apply(vs, *args, train=True, mutable=["batch_stats"], **kw)
+        return out, upd["batch_stats"]
+
+    stats0 = variables["batch_stats"]
+    first, stats1 = run(stats0, bmode, swe, warm=False)
+    fused_warm = warm and model.fused
+    if not every_pass_statistics and not fused_warm:
+        return first, stats1
+    if not fused_warm:
+        return run(stats1, bmode, swe, warm=False)
+    cams = closed_form_cams(
+        first["f9_bmode"],
+        first["f9_swe"],
+        variables["params"]["conv10"]["kernel"],
+        first["probs"],
+    )
+    if every_pass_statistics:
+        second, stats = run(stats1, bmode, swe, *cams, warm=True)
+    else:
+        f2 = {m: first[f"f2_{m}"] for m in model.modalities}
+        second, stats = run(stats0, bmode, swe, *cams, warm=True, f2=f2)
+        # stem and fire2 ran only in the CAM pass: their statistics come from it.
+        stats = {
+            k: (stats1[k] if k.startswith(("stem_", "fire2_")) else v) for k, v in stats.items()
+        }
+    return dict(second, cam_bmode=cams[0], cam_swe=cams[1]), stats
+
+
+@functools.partial(jax.jit, static_argnames=("faithful", "warm", "modalities"))
+def predict_core(variables, bmode, swe, *, faithful: bool, warm: bool, modalities: tuple) -> dict:
+    """The jitted eval-mode forward; no host work inside. See `predict` for the outputs."""
+    model = FAMFNet(faithful=faithful, modalities=modalities)
+    out, _ = two_pass(model, variables, bmode, swe, warm=warm)
+    keys = (
+        "probs",
+        "logits",
+        "cam_bmode",
+        "cam_swe",
+        "centre_bmode",
+        "centre_swe",
+        "fused_bmode",
+        "fused_swe",
+    )
+    return {k: out[k] for k in keys if k in out}
+
+
+def predict(variables, bmode, swe, *, faithful: bool = False, warm: bool = True) -> dict:
+    """Eval-mode prediction for a batch of image pairs.
+
+    bmode, swe: float32 (B, H, W, 3) in [-1, 1], H and W divisible by 8. Returns numpy arrays:
+    probs (B, 2); cam_bmode, cam_swe (B, H/8, W/8) in [0, 1]; centre_bmode, centre_swe (B, 2)
+    int (row, col) on the H/2 x W/2 MAF grid; fused_bmode, fused_swe (B, H/2, W/2, 128), the
+    MAF outputs that replace fire2's output. `warm=False` gives the plain two-stream network
+    (no CAM outputs); a single-modality model gives probs and logits only.
+    """
+    bmode = jnp.asarray(bmode, jnp.float32)
+    swe = jnp.asarray(swe, jnp.float32)
+    if bmode.shape != swe.shape or bmode.ndim != 4 or bmode.shape[-1] != 3:
+        raise ValueError(f"expected two (B, H, W, 3) arrays, got {bmode.shape} and {swe.shape}")
+    if bmode.shape[1] % 8 or bmode.shape[2] % 8:
+        raise ValueError(f"H and W must be divisible by 8, got {bmode.shape[1:3]}")
+    modalities = modalities_of(variables["params"])
+    out = predict_core(variables, bmode, swe, faithful=faithful, warm=warm, modalities=modalities)
+    return {k: np.asarray(v) for k, v in out.items()}
