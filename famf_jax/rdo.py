@@ -119,7 +119,7 @@ class RDOState(NamedTuple):
     pending_reward: jax.Array
     pending_valid: jax.Array
     cumulative_tn: jax.Array  # faithful B8 only: true negatives so far in this epoch
-    key: jax.Array
+    key: jax.Array  # raw uint32 key data
     step: jax.Array
     dqn_loss: jax.Array  # last DQN loss, for logging
 
@@ -186,14 +186,14 @@ def init_state(cfg: RDOConfig, key: jax.Array, state_dim: int) -> RDOState:
         gamma=jnp.asarray(cfg.gamma_init, f32),
         q_params=q_params,
         q_opt_state=_q_optimizer(cfg).init(q_params),
-        target_params=q_params,
+        target_params=jax.tree_util.tree_map(jnp.copy, q_params),  # own buffers (donation)
         buffer=buf,
         pending_state=jnp.zeros(state_dim, f32),
         pending_action=jnp.zeros(2, jnp.int32),
         pending_reward=jnp.zeros((), f32),
         pending_valid=jnp.zeros((), bool),
         cumulative_tn=jnp.zeros((), f32),
-        key=k_run,
+        key=jax.random.key_data(k_run),  # raw uint32: checkpointable as a plain array
         step=jnp.zeros((), jnp.int32),
         dqn_loss=jnp.zeros((), f32),
     )
@@ -334,8 +334,8 @@ def transform(
         k_learn = jax.random.fold_in(jax.random.fold_in(st.key, st.step), 1)
         q_params, q_opt, loss = _learn(cfg, st, k_learn)
         step = st.step + 1
-        if cfg.faithful:
-            target = q_params
+        if cfg.faithful:  # no target network (B13); the field stays unused
+            target = st.target_params
         else:
             refresh = step % cfg.target_every == 0
             target = jax.tree_util.tree_map(

@@ -18,8 +18,9 @@ def test_focal_matches_formula(rng):
     labels = rng.integers(0, 2, 16)
     for alpha0, gamma in [(0.5, 2.0), (0.2, 0.5), (0.9, 3.9), (0.5, 0.0)]:
         got = focal_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), alpha0, gamma)
-        np.testing.assert_allclose(float(got), direct_focal(logits, labels, alpha0, gamma),
-                                   rtol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            float(got), direct_focal(logits, labels, alpha0, gamma), rtol=1e-5
+        )
 
 
 def test_focal_alpha_gamma_dependence(rng):
@@ -40,6 +41,8 @@ def test_focal_alpha_gamma_dependence(rng):
 def test_double_softmax_variant_is_bounded(rng):
     logits = jnp.asarray(rng.normal(0, 10, (64, 2)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 2, 64))
-    per = [float(focal_loss(logits[i : i + 1], labels[i : i + 1], 0.5, 2.0, double_softmax=True))
-           for i in range(64)]  # fmt: skip
+    per = [
+        float(focal_loss(logits[i : i + 1], labels[i : i + 1], 0.5, 2.0, double_softmax=True))
+        for i in range(64)
+    ]
     assert min(per) >= 0.0113 - 1e-4 and max(per) <= 0.351 + 1e-4  # spec 3.1 (a)

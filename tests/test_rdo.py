@@ -101,8 +101,10 @@ def test_dqn_loss_and_update_by_hand(rng):
         r = rng.normal(size=8).astype(np.float32)
         q = hand_q(params, s, faithful)
         qn = hand_q(params if faithful else tparams, s2, faithful)
-        want = sum(np.mean((q[h][np.arange(8), a[:, h]] - (r + 0.99 * qn[h].max(-1))) ** 2)
-                   for h in range(2))  # fmt: skip
+        want = sum(
+            np.mean((q[h][np.arange(8), a[:, h]] - (r + 0.99 * qn[h].max(-1))) ** 2)
+            for h in range(2)
+        )
         got = rdo.dqn_loss(cfg, st.q_params, target, (s, a, r, s2))
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
     # One Adam step from a fresh state moves each parameter by -lr * g / (|g| + eps).
@@ -110,16 +112,23 @@ def test_dqn_loss_and_update_by_hand(rng):
     st = rdo.init_state(cfg, jax.random.key(4), 6)
     buf = st.buffer
     for i in range(9):
-        buf = rdo.push(buf, jnp.asarray(s[i % 8]), jnp.asarray(a[i % 8]), float(r[i % 8]),
-                       jnp.asarray(s2[i % 8]), jnp.array(True))  # fmt: skip
+        buf = rdo.push(
+            buf,
+            jnp.asarray(s[i % 8]),
+            jnp.asarray(a[i % 8]),
+            float(r[i % 8]),
+            jnp.asarray(s2[i % 8]),
+            jnp.array(True),
+        )
     st = st._replace(buffer=buf)
     key = jax.random.key(5)
     new_params, _, _ = rdo._learn(cfg, st, key)
     idx = rdo.sample_indices(key, buf.count, cfg.buffer_size, cfg.batch_size)
     batch = (buf.state[idx], buf.action[idx], buf.reward[idx], buf.next_state[idx])
     g = jax.grad(rdo.dqn_loss, argnums=1)(cfg, st.q_params, st.target_params, batch)
-    expect = jax.tree_util.tree_map(lambda p, g: p - cfg.learning_rate * g / (jnp.abs(g) + 1e-8),
-                                    st.q_params, g)  # fmt: skip
+    expect = jax.tree_util.tree_map(
+        lambda p, g: p - cfg.learning_rate * g / (jnp.abs(g) + 1e-8), st.q_params, g
+    )
     for x, y in zip(jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(expect)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-9)
 
@@ -136,8 +145,15 @@ def test_transform_pushes_one_step_late_and_passes_gradients():
         states.append(s)
         sel = rdo.select(CFG, st, s, jnp.array(True))
         counts = jnp.array([1.0, 0.0, 2.0, 1.0])  # tp, fp, tn, fn
-        upd, opt = tx.update(grads, opt, params, rdo_selection=sel, rdo_state=s,
-                             rdo_counts=counts, rdo_new_epoch=jnp.array(t == 0))  # fmt: skip
+        upd, opt = tx.update(
+            grads,
+            opt,
+            params,
+            rdo_selection=sel,
+            rdo_state=s,
+            rdo_counts=counts,
+            rdo_new_epoch=jnp.array(t == 0),
+        )
         np.testing.assert_allclose(np.asarray(upd["w"]), -0.1 * np.asarray(grads["w"]))
         st = rdo.find_state(opt)
         assert float(st.alpha0) == float(sel.alpha0) and int(st.buffer.count) == t

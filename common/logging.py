@@ -1,0 +1,76 @@
+"""Metrics to JSONL and TensorBoard, and progress bars for long loops."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+
+def _plain(v):
+    if isinstance(v, np.generic | np.ndarray):
+        v = v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricWriter:
+    """Appends `{"step", "time", <tag>: value}` lines to `<workdir>/<name>.jsonl` and, when
+    tensorboardX is installed, writes the same scalars as TensorBoard events."""
+
+    def __init__(
+        self, workdir: str | pathlib.Path, name: str = "metrics", tensorboard: bool = True
+    ):
+        self.path = pathlib.Path(workdir) / f"{name}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard" / name))
+            except ImportError:  # optional
+                self._tb = None
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        row = {"step": int(step), "time": time.time()}
+        row.update({k: _plain(v) for k, v in scalars.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                v = _plain(v)
+                if isinstance(v, int | float) and v is not None:
+                    self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", **kw):
+    """A tqdm bar on stderr, refreshed at most once a second (readable in CI logs too)."""
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        file=sys.stderr,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        leave=False,
+        **kw,
+    )

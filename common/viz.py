@@ -1,0 +1,118 @@
+"""Plots for reports (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import metrics  # noqa: E402
+
+
+def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def roc_plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], path) -> pathlib.Path:
+    """curves: (label, y_true, score) per line."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, y, s in curves:
+        fpr, tpr, _ = metrics.roc_curve(y, s)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {metrics.roc_auc(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_plot(c: dict, path, labels=("benign", "malignant")) -> pathlib.Path:
+    m = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(m, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(
+                j,
+                i,
+                str(m[i, j]),
+                ha="center",
+                va="center",
+                color="white" if m[i, j] > m.max() / 2 else "black",
+            )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix",
+    )
+    return _save(fig, path)
+
+
+def reliability_plot(y: np.ndarray, p: np.ndarray, path, bins: int = 10) -> pathlib.Path:
+    r = metrics.reliability(y, p, bins)
+    ok = r["count"] > 0
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.plot(r["mean_prediction"][ok], r["fraction_positive"][ok], "o-")
+    ece = metrics.expected_calibration_error(y, p, bins)
+    ax.set(
+        xlabel="predicted P(malignant)",
+        ylabel="observed fraction malignant",
+        title=f"Reliability (ECE {ece:.3f})",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    return _save(fig, path)
+
+
+def series_plot(x: np.ndarray, series: dict[str, np.ndarray], path, title: str, xlabel: str):
+    """One panel per named series over a shared x axis."""
+    fig, axes = plt.subplots(len(series), 1, figsize=(6, 1.8 * len(series)), sharex=True)
+    axes = np.atleast_1d(axes)
+    for ax, (name, y) in zip(axes, series.items()):
+        ax.plot(x, y, lw=0.8)
+        ax.set_ylabel(name)
+    axes[0].set_title(title)
+    axes[-1].set_xlabel(xlabel)
+    return _save(fig, path)
+
+
+def cam_overlays(rows: Sequence[dict], path) -> pathlib.Path:
+    """rows: dicts with bmode, swe (H, W, 3) in [-1, 1], cam_bmode, cam_swe (h, w) in [0, 1],
+    centre_bmode, centre_swe (row, col) on the H/2 grid, title."""
+    fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
+    for r, axrow in zip(rows, axes):
+        h = r["bmode"].shape[0]
+        for ax, img, cam, name in (
+            (axrow[0], r["bmode"], r["cam_bmode"], "B-mode"),
+            (axrow[1], r["swe"], r["cam_swe"], "SWE"),
+        ):
+            ax.imshow((img + 1) / 2)
+            ax.imshow(cam, cmap="jet", alpha=0.4, extent=(-0.5, h - 0.5, h - 0.5, -0.5))
+            ax.set_title(f"{name}: {r['title']}", fontsize=8)
+            ax.axis("off")
+        # Centres live on the H/2 MAF grid: x2 to image pixels.
+        cb, cs = np.asarray(r["centre_bmode"]) * 2, np.asarray(r["centre_swe"]) * 2
+        for ax in axrow:
+            ax.plot(cb[1], cb[0], "w+", ms=12, mew=2, label="B-mode centre")
+            ax.plot(cs[1], cs[0], "mx", ms=10, mew=2, label="SWE centre")
+        axrow[1].annotate(
+            "",
+            xy=(cb[1], cb[0]),
+            xytext=(cs[1], cs[0]),
+            arrowprops=dict(arrowstyle="->", color="yellow"),
+        )
+        axrow[0].legend(loc="lower left", fontsize=6)
+    return _save(fig, path)

@@ -1,0 +1,279 @@
+"""Evaluation, reports and batch prediction for trained FAMF-Net folds.
+
+`evaluate` restores each fold's checkpoint (the best by `eval.criterion`, F1 + accuracy by
+default, or `eval.checkpoint`), runs the eval-mode two-pass network on the fold's validation
+and the fixed test set, and writes `metrics.json`, `report.md` and the figures to the workdir.
+`predict_folder` writes per-patient probabilities for new data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+
+import numpy as np
+from absl import logging
+
+from common import metrics as metrics_lib
+from common import viz
+from common.logging import read_jsonl
+from famf_jax import dataset, inference, pipeline
+from famf_jax.train import (
+    fold_dir,
+    image_config,
+    modalities,
+    resolve_data,
+    restore_for_eval,
+    split_metrics,
+)
+
+REPORT_KEYS = metrics_lib.CLASSIFICATION_KEYS
+CONVENTIONS = (
+    "Class 1 (malignant) is positive; prediction = P(malignant) >= 0.5; ratios with a zero "
+    "denominator are 0; ROC-AUC and PR-AUC (average precision) as scikit-learn; 95% CIs are "
+    "percentile bootstraps over test patients; ECE uses 10 equal-width bins of P(malignant)."
+)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def _overlay_rows(cfg, variables, records, n: int) -> list[dict]:
+    if n <= 0 or not records:
+        return []
+    picks = sorted(records, key=lambda r: -r.label)[:n]  # malignant first: the rarer class
+    batch = next(iter(pipeline.eval_dataset(picks, image_config(cfg), len(picks))))
+    out = inference.predict(variables, batch["bmode"], batch["swe"], faithful=cfg.faithful)
+    if "cam_bmode" not in out:
+        return []
+    rows = []
+    for i, r in enumerate(picks):
+        title = f"{r.patient_id} y={r.label} p={out['probs'][i, 1]:.2f}"
+        rows.append(
+            {
+                "bmode": batch["bmode"][i],
+                "swe": batch["swe"][i],
+                "title": title,
+                **{k: out[k][i] for k in ("cam_bmode", "cam_swe", "centre_bmode", "centre_swe")},
+            }
+        )
+    return rows
+
+
+def _rdo_plot(workdir: pathlib.Path, fold: int, path: pathlib.Path) -> pathlib.Path | None:
+    rows = [r for r in read_jsonl(fold_dir(workdir, fold) / "metrics.jsonl") if "alpha0" in r]
+    if not rows:
+        return None
+    steps = np.array([r["step"] for r in rows])
+    series = {
+        k: np.array([np.nan if r[k] is None else r[k] for r in rows], float)
+        for k in ("alpha0", "gamma", "reward", "loss")
+    }
+    return viz.series_plot(steps, series, path, f"RDO trajectory, fold {fold}", "step")
+
+
+def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
+    workdir = pathlib.Path(workdir)
+    data = resolve_data(cfg, workdir)
+    fused = cfg.model.fusion and len(modalities(cfg)) == 2
+    folds, curves = [], []
+    first_vars = None
+    for k in range(len(data.folds)):
+        variables, meta = restore_for_eval(cfg, workdir, k)
+        warm = fused and bool(meta.get("warm", True))
+        valid, _ = split_metrics(cfg, variables, data.split(k, "valid"), warm, f"fold {k} valid")
+        test_records = data.split(k, "test")
+        test, p = split_metrics(cfg, variables, test_records, warm, f"fold {k} test")
+        y = np.array([r.label for r in test_records])
+        test.update(metrics_lib.clinical_report(y, p, seed=cfg.seed))
+        for name, fn in (("roc_auc_ci", metrics_lib.roc_auc), ("f1_ci", metrics_lib.f1_at_half)):
+            test[name] = metrics_lib.bootstrap_ci(
+                y, p, fn, n_resamples=cfg.eval.bootstrap, seed=cfg.seed
+            )
+        folds.append(
+            {
+                "fold": k,
+                "step": meta["step"],
+                "epoch": meta["epoch"],
+                "warm": warm,
+                "valid": valid,
+                "test": test,
+                "predictions": [
+                    {"patient_id": r.patient_id, "label": r.label, "prob_malignant": float(q)}
+                    for r, q in zip(test_records, p)
+                ],
+            }
+        )
+        curves.append((f"fold {k}", y, p))
+        if first_vars is None:
+            first_vars = (variables, test_records)
+    if len(folds) == 1:
+        test_summary = {k: v for k, v in folds[0]["test"].items()}
+    else:
+        keys = [
+            *REPORT_KEYS,
+            "specificity_at_90_sensitivity",
+            "specificity_at_95_sensitivity",
+            "ece",
+        ]
+        summary = metrics_lib.summarise_folds([f["test"] for f in folds], keys)
+        test_summary = {k: v["mean"] for k, v in summary.items()}
+        test_summary["std"] = {k: v["std"] for k, v in summary.items()}
+    result = {
+        "criterion": cfg.eval.criterion,
+        "conventions": CONVENTIONS,
+        "test": test_summary,
+        "folds": folds,
+        "data_problems": data.problems,
+    }
+    (workdir / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    write_report(cfg, workdir, result, curves, first_vars)
+    return result
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o))
+
+
+def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pathlib.Path:
+    figs = workdir / "figures"
+    figs.mkdir(exist_ok=True)
+    viz.roc_plot(curves, figs / "roc.png")
+    f0 = result["folds"][0]
+    viz.confusion_plot(f0["test"], figs / "confusion.png")
+    y, p = curves[0][1], curves[0][2]
+    viz.reliability_plot(y, p, figs / "reliability.png")
+    rdo_png = _rdo_plot(workdir, 0, figs / "rdo_trajectory.png")
+    overlay_png = None
+    if first is not None:
+        rows = _overlay_rows(cfg, first[0], first[1], cfg.eval.overlays)
+        if rows:
+            overlay_png = viz.cam_overlays(rows, figs / "cam_overlays.png")
+
+    t = result["test"]
+    lines = [
+        "# FAMF-Net evaluation report",
+        "",
+        f"Config variant `{cfg.variant}`, faithful={cfg.faithful}, modalities "
+        f"`{cfg.model.modalities}`, fusion={cfg.model.fusion}, RDO={cfg.rdo.enabled}. "
+        f"Checkpoint per fold: best by `{result['criterion']}` on validation.",
+        "",
+        "## Test set" + (" (mean over folds)" if len(result["folds"]) > 1 else ""),
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k in REPORT_KEYS + (
+        "specificity_at_90_sensitivity",
+        "specificity_at_95_sensitivity",
+        "ece",
+    ):
+        std = t.get("std", {}).get(k)
+        lines.append(
+            f"| {k} | {_fmt(t[k])}" + (f" ± {_fmt(std)}" if std is not None else "") + " |"
+        )
+    if len(result["folds"]) == 1:
+        lines.append(
+            f"| roc_auc 95% CI | {_fmt(t['roc_auc_ci'][0])} – {_fmt(t['roc_auc_ci'][1])} |"
+        )
+        lines.append(f"| f1 95% CI | {_fmt(t['f1_ci'][0])} – {_fmt(t['f1_ci'][1])} |")
+    lines += [
+        "",
+        "## Per fold",
+        "",
+        "| fold | step | epoch | valid F1+Acc | test AUC | test F1 | test sens | test spec |"
+        " test n (pos) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in result["folds"]:
+        te = f["test"]
+        lines.append(
+            f"| {f['fold']} | {f['step']} | {f['epoch']} | {_fmt(f['valid']['f1_acc'])} "
+            f"| {_fmt(te['roc_auc'])} | {_fmt(te['f1'])} | {_fmt(te['sensitivity'])} "
+            f"| {_fmt(te['specificity'])} | {te['n']} ({te['n_positive']}) |"
+        )
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "![ROC](figures/roc.png)",
+        "![Confusion matrix, fold 0](figures/confusion.png)",
+        "![Reliability, fold 0](figures/reliability.png)",
+    ]
+    if rdo_png:
+        lines.append("![RDO trajectory, fold 0](figures/rdo_trajectory.png)")
+    if overlay_png:
+        lines += [
+            "",
+            "CAM overlays (fold 0 test patients): `+` B-mode lesion centre, `x` SWE "
+            "centre, arrow = the shift RAA applies to the SWE region.",
+            "",
+            "![CAM overlays](figures/cam_overlays.png)",
+        ]
+    if result["data_problems"]:
+        lines += ["", "## Data problems", ""] + [f"- {p}" for p in result["data_problems"]]
+    lines += ["", "## Conventions", "", CONVENTIONS, ""]
+    path = workdir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
+    """Per-patient P(malignant) for `predict.input` (a layout root or a manifest), per fold
+    and averaged, as CSV."""
+    workdir = pathlib.Path(workdir)
+    src = cfg.predict.input
+    if not src:
+        raise dataset.DataError("--mode=predict needs --config.predict.input (folder or CSV)")
+    problems: list[str] = []
+    if src.endswith(".csv"):
+        records, _ = dataset.read_manifest(src, problems, require_label=False)
+    else:
+        records = dataset.scan_layout(src, problems, require_label=False)
+    for p in problems:
+        logging.warning("predict: %s", p)
+    recs = list(records.values())
+    n_folds = len(sorted(workdir.glob("fold_*/checkpoints")))
+    if n_folds == 0:
+        raise FileNotFoundError(f"no trained folds in {workdir}")
+    fused = cfg.model.fusion and len(modalities(cfg)) == 2
+    from famf_jax.train import predict_records
+
+    per_fold = []
+    for k in range(n_folds):
+        variables, meta = restore_for_eval(cfg, workdir, k)
+        per_fold.append(
+            predict_records(
+                cfg,
+                variables,
+                recs,
+                warm=fused and meta.get("warm", True),
+                desc=f"predict fold {k}",
+            )
+        )
+    out = pathlib.Path(cfg.predict.output or workdir / "predictions.csv")
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["patient_id", "prob_malignant", *[f"fold_{k}" for k in range(n_folds)], "label"]
+        )
+        mean = np.mean(per_fold, axis=0)
+        for i, r in enumerate(recs):
+            w.writerow(
+                [
+                    r.patient_id,
+                    f"{mean[i]:.6f}",
+                    *[f"{p[i]:.6f}" for p in per_fold],
+                    "" if r.label < 0 else r.label,
+                ]
+            )
+    return out

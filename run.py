@@ -1,0 +1,91 @@
+"""Entry point: python run.py --config configs/famf.py:demo --workdir runs/demo --mode train"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "evaluate", "predict", "import_torch")
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/famf.py:demo.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Output folder (default runs/<model>_<variant>).")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.DEFINE_string(
+    "compilation_cache",
+    os.path.expanduser("~/.cache/famf_dmaf_jax/xla"),
+    "Persistent XLA compilation cache ('' to disable).",
+)
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def _workdir(cfg) -> pathlib.Path:
+    return pathlib.Path(FLAGS.workdir or f"runs/{cfg.model_name}_{cfg.variant}")
+
+
+def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
+    from famf_jax import evaluate, train
+
+    if mode == "train":
+        results = train.train(cfg, workdir)
+        for r in results:
+            b = r.best["f1_acc"]
+            print(
+                f"fold {r.fold}: best F1+Acc checkpoint step {b['step']} {b['metrics']} "
+                f"({r.seconds:.0f} s)"
+            )
+    elif mode == "evaluate":
+        result = evaluate.evaluate(cfg, workdir)
+        t = result["test"]
+        print("test: " + "  ".join(f"{k} {t[k]:.3f}" for k in evaluate.REPORT_KEYS))
+        print(f"report: {workdir / 'report.md'}")
+    elif mode == "predict":
+        print(f"predictions: {evaluate.predict_folder(cfg, workdir)}")
+    elif mode == "import_torch":
+        from famf_jax import import_torch
+
+        print(f"imported into {import_torch.import_checkpoint(cfg, workdir)}")
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops INFO chatter of orbax and grain (every save/restore step); warnings pass."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
+        return record.levelno >= pylogging.WARNING or not noisy
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import jax
+
+    if FLAGS.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    cfg = FLAGS.config
+    workdir = _workdir(cfg)
+    logging.info(
+        "config %s:%s, mode %s, workdir %s", cfg.model_name, cfg.variant, FLAGS.mode, workdir
+    )
+    from famf_jax.dataset import DataError
+
+    try:
+        if cfg.model_name == "famf":
+            _famf(cfg, FLAGS.mode, workdir)
+        else:
+            raise ValueError(f"unknown model {cfg.model_name!r}")
+    except (DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":  # Grain's worker processes re-import this module
+    app.run(main)
