@@ -1,0 +1,129 @@
+"""Cost of FAMF-Net's full training step relative to the plain two-stream step (issue: <= 1.6x).
+
+Measured in one run, same shapes (default 256x256, batch 4), forward + backward (value_and_grad
+of the focal loss), train-mode BatchNorm:
+- plain:    one warm-off pass (the late-fusion two-stream network, no CAM);
+- full:     CAM pass (warm off), closed-form CAMs, RAA + MAF warm pass reusing stem + fire2;
+- autodiff: like full, but the CAMs come from a backward pass through the whole network, as
+            the original does with torchcam (RAA still in-jit here, so this flatters it).
+Prints XLA's FLOP count per step and the median wall time over repetitions after a warm-up.
+
+    python benchmarks/famf_step_cost.py [--size 256] [--batch 4] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from famf_jax.cam import minmax_normalise  # noqa: E402
+from famf_jax.inference import two_pass  # noqa: E402
+from famf_jax.losses import focal_loss  # noqa: E402
+from famf_jax.model import FAMFNet, init_variables  # noqa: E402
+
+
+def make_steps(model: FAMFNet):
+    def apply_train(params, stats, *args, **kw):
+        vs = {"params": params, "batch_stats": stats}
+        return model.apply(vs, *args, train=True, mutable=["batch_stats"], **kw)
+
+    def plain(params, stats, b, s, y):
+        def loss(p):
+            out, upd = apply_train(p, stats, b, s, warm=False)
+            return focal_loss(out["logits"], y, 0.5, 2.0), upd
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    def full(params, stats, b, s, y):
+        def loss(p):
+            vs = {"params": p, "batch_stats": stats}
+            out, upd = two_pass(model, vs, b, s, warm=True, train=True)
+            return focal_loss(out["logits"], y, 0.5, 2.0), upd
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    def autodiff(params, stats, b, s, y):
+        def score(p):  # CAM-pass probability of the predicted class, as torchcam back-propagates
+            out, _ = apply_train(p, stats, b, s, warm=False)
+            c = jnp.argmax(jax.lax.stop_gradient(out["probs"]), -1)
+            return jnp.take_along_axis(out["probs"], c[:, None], 1).sum(), out
+
+        # The original's score.backward() runs through the whole network; its parameter
+        # gradients are returned so that XLA cannot drop that work.
+        (_, first), wasted = jax.value_and_grad(score, has_aux=True)(params)
+        f9 = [first["f9_bmode"], first["f9_swe"]]
+        grads = jax.grad(_head_score, argnums=1)(params, f9, first["probs"])
+        cams = []
+        for a, ga in zip(f9, grads):
+            w = (ga * a).sum((1, 2)) / (a.sum((1, 2)) + 1e-12)
+            cams.append(minmax_normalise(jax.nn.relu(jnp.einsum("bk,bhwk->bhw", w, a))))
+        cams = [jax.lax.stop_gradient(c) for c in cams]
+
+        def loss(p):  # the original's second forward recomputes the whole network
+            out, upd = apply_train(p, stats, b, s, *cams, warm=True)
+            return focal_loss(out["logits"], y, 0.5, 2.0), upd
+
+        return jax.value_and_grad(loss, has_aux=True)(params), wasted
+
+    return {"plain": plain, "full": full, "autodiff": autodiff}
+
+
+def _head_score(params, f9, probs):
+    w = params["conv10"]["kernel"][0, 0]
+    x = jnp.concatenate(f9, -1).mean((1, 2))
+    p = jax.nn.softmax(x @ w + params["conv10"]["bias"], -1)
+    c = jnp.argmax(jax.lax.stop_gradient(probs), -1)
+    return jnp.take_along_axis(p, c[:, None], 1).sum()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    model = FAMFNet()
+    v = init_variables(model, jax.random.key(0), args.size)
+    shape = (args.batch, args.size, args.size, 3)
+    k = jax.random.split(jax.random.key(1), 2)
+    b = jax.random.uniform(k[0], shape, minval=-1, maxval=1)
+    s = jax.random.uniform(k[1], shape, minval=-1, maxval=1)
+    y = jnp.arange(args.batch) % 2
+    inputs = (v["params"], v["batch_stats"], b, s, y)
+    results = {}
+    for name, fn in make_steps(model).items():
+        compiled = jax.jit(fn).lower(*inputs).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops = float(cost.get("flops", float("nan")))
+        jax.block_until_ready(compiled(*inputs))  # warm-up
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*inputs))
+            times.append(time.perf_counter() - t0)
+        results[name] = (flops, statistics.median(times))
+        print(
+            f"{name:9s} {flops / 1e9:8.1f} GFLOP/step  median {results[name][1]:.3f} s "
+            f"over {args.reps}",
+            flush=True,
+        )
+    pf, pt = results["plain"]
+    print(f"\n{args.size}x{args.size}, batch {args.batch}, {jax.devices()[0].platform}:")
+    for name in ("full", "autodiff"):
+        f, t = results[name]
+        print(f"{name:9s} / plain: time {t / pt:.2f}x   FLOPs {f / pf:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
