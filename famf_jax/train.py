@@ -188,11 +188,13 @@ def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") -> np.ndarray:
-    """P(class 1) for each record, in order (eval mode, two passes, padded full batches)."""
+    """P(class 1) for each record, in order (eval mode, two passes, padded full batches).
+
+    Read in process: evaluation sets are small, and worker start-up would cost more."""
     bs = cfg.eval.batch_size
     ds = pipeline.eval_dataset(records, image_config(cfg), bs)
     probs = []
-    for batch in progress(pipeline.iterate(ds, cfg.data.workers), total=len(ds), desc=desc):
+    for batch in progress(pipeline.iterate(ds, workers=0), total=len(ds), desc=desc):
         n = len(batch["label"])
         out = predict_core(
             variables,
