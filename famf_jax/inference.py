@@ -107,5 +107,9 @@ def predict(variables, bmode, swe, *, faithful: bool = False, warm: bool = True)
     if bmode.shape[1] % 8 or bmode.shape[2] % 8:
         raise ValueError(f"H and W must be divisible by 8, got {bmode.shape[1:3]}")
     modalities = modalities_of(variables["params"])
-    out = predict_core(variables, bmode, swe, faithful=faithful, warm=warm, modalities=modalities)
+    # Parity with the original needs full float32 matmuls (GPUs default to TF32).
+    with jax.default_matmul_precision("highest" if faithful else None):
+        out = predict_core(
+            variables, bmode, swe, faithful=faithful, warm=warm, modalities=modalities
+        )
     return {k: np.asarray(v) for k, v in out.items()}

@@ -82,3 +82,27 @@ def test_dqn_import(rng):
     del sd["fc2.bias"]
     with pytest.raises(ValueError, match=r"missing key 'fc2\.bias'"):
         convert.from_torch_dqn(sd)
+
+
+def test_import_torch_mode_writes_a_restorable_checkpoint(tmp_path, rng, monkeypatch):
+    from configs import famf as famf_config
+    from famf_jax import import_torch, rdo, train
+
+    sd = fake_state_dict("OursNet", rng)
+    dqn = fake_state_dict("DQN", rng)
+    monkeypatch.setattr(convert, "load_pth", lambda p: sd if p == "net.pth" else dqn)
+    cfg = famf_config.get_config("smoke")
+    cfg.import_path, cfg.import_dqn_path = "net.pth", "dqn.pth"
+    cfg.train.batch_size = 4  # the DQN of the keys file takes B + 2 = 6 inputs
+    import_torch.import_checkpoint(cfg, tmp_path)
+    variables, meta = train.restore_for_eval(cfg, tmp_path, 0)
+    assert meta["imported_from"] == "net.pth"
+    np.testing.assert_array_equal(
+        variables["params"]["fire4_2"]["squeeze"]["conv"]["kernel"],
+        sd["fire4_2.squeeze.0.weight"].transpose(2, 3, 1, 0),
+    )
+    ckpt = train.checkpointer(tmp_path, 0, read_only=True)
+    template, _ = train.create_state(cfg, 1)
+    state, _ = ckpt.restore(0, template)
+    q = rdo.find_state(state.opt_state).q_params
+    np.testing.assert_array_equal(q["fc_0"]["kernel"], dqn["fc.0.weight"].T)
