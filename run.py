@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "evaluate", "predict", "import_torch")
+MODES = ("train", "evaluate", "predict", "import_torch", "preprocess")
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/famf.py:demo.", lock_config=True
@@ -62,6 +62,44 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not noisy
 
 
+def _dmaf(cfg, mode: str, workdir: pathlib.Path) -> None:
+    if mode != "preprocess":
+        raise ValueError(f"DMAF-Net supports --mode=preprocess so far, not {mode!r}")
+    import itertools
+
+    from common import viz
+    from common.loader import iterate
+    from dmaf_jax import data, dataset
+
+    prep = dataset.prepare(cfg, workdir)
+    s = prep.summary
+    print(f"preprocessed data: {prep.root}")
+    if "processed" in s:
+        print(
+            f"cases: {s['processed']} ready ({s['skipped']} already done), "
+            f"{len(s['failed'])} failed"
+        )
+        for case, reason in s["failed"].items():
+            print(f"  failed {case}: {reason}")
+    print(f"split ({s['split_source']}): {s['split_sizes']}")
+    print(f"masks ({s['mask_source']}): available per modality {s['availability']}")
+    ds = data.train_dataset(
+        prep.spec, prep.cases("train"), dataset.augment_config(cfg), cfg.data.batch_size, cfg.seed
+    )
+    batch = next(itertools.islice(iter(iterate(ds, workers=0)), 1))
+    png = viz.segmentation_batch(
+        batch["image"],
+        batch["label"],
+        batch["mask"],
+        prep.spec.modalities,
+        workdir / "batch_preview.png",
+    )
+    print(
+        f"first training batch: image {batch['image'].shape}, label {batch['label'].shape}, "
+        f"masks {batch['mask'].astype(int).tolist()} -> {png}"
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -81,9 +119,11 @@ def main(argv):
     try:
         if cfg.model_name == "famf":
             _famf(cfg, FLAGS.mode, workdir)
+        elif cfg.model_name == "dmaf":
+            _dmaf(cfg, FLAGS.mode, workdir)
         else:
             raise ValueError(f"unknown model {cfg.model_name!r}")
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:  # CaseError is a ValueError
         sys.exit(f"error: {e}")
 
 

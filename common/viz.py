@@ -116,3 +116,26 @@ def cam_overlays(rows: Sequence[dict], path) -> pathlib.Path:
         )
         axrow[0].legend(loc="lower left", fontsize=6)
     return _save(fig, path)
+
+
+def segmentation_batch(
+    images: np.ndarray, labels: np.ndarray, masks: np.ndarray, modalities: Sequence[str], path
+) -> pathlib.Path:
+    """Middle slice (last spatial axis) of each sample: every modality, then the labels.
+
+    images (B, H, W, D, M), labels (B, H, W, D), masks (B, M) presence."""
+    b, m = images.shape[0], images.shape[-1]
+    fig, axes = plt.subplots(b, m + 1, figsize=(2.2 * (m + 1), 2.2 * b), squeeze=False)
+    z = images.shape[3] // 2
+    for i in range(b):
+        for k in range(m):
+            ax = axes[i, k]
+            ax.imshow(images[i, :, :, z, k].T, cmap="gray")
+            ax.set_title(f"{modalities[k]}{'' if masks[i, k] else ' (missing)'}", fontsize=8)
+            ax.axis("off")
+        axes[i, m].imshow(
+            labels[i, :, :, z].T, cmap="tab10", vmin=0, vmax=9, interpolation="nearest"
+        )
+        axes[i, m].set_title("labels", fontsize=8)
+        axes[i, m].axis("off")
+    return _save(fig, path)

@@ -130,15 +130,5 @@ def eval_dataset(records: Sequence[Record], cfg: ImageConfig, batch_size: int) -
     return _source(records).map(LoadPair(cfg)).map(EvalTransform(cfg)).batch(batch_size)
 
 
-def iterate(ds: grain.MapDataset, workers: int, buffer: int = 2) -> grain.IterDataset:
-    """An iterable dataset, read by `workers` processes when workers > 0."""
-    it = ds.to_iter_dataset()
-    if workers > 0:
-        it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer)
-        )
-    return it
-
-
 def steps_per_epoch(n_records: int, batch_size: int) -> int:
     return n_records // batch_size

@@ -29,6 +29,7 @@ from absl import logging
 
 from common import metrics as metrics_lib
 from common.checkpoint import Checkpointer
+from common.loader import iterate
 from common.logging import MetricWriter, progress
 from famf_jax import dataset, pipeline, rdo, synthetic
 from famf_jax.inference import predict_core, two_pass
@@ -194,7 +195,7 @@ def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") 
     bs = cfg.eval.batch_size
     ds = pipeline.eval_dataset(records, image_config(cfg), bs)
     probs = []
-    for batch in progress(pipeline.iterate(ds, workers=0), total=len(ds), desc=desc):
+    for batch in progress(iterate(ds, workers=0), total=len(ds), desc=desc):
         n = len(batch["label"])
         out = predict_core(
             variables,
@@ -279,7 +280,7 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
     total_steps = spe * cfg.train.epochs
     state, tx = create_state(cfg, spe)
     ds = pipeline.train_dataset(train_records, image_config(cfg), bs, cfg.seed + fold, None)
-    it = iter(pipeline.iterate(ds, cfg.data.workers))
+    it = iter(iterate(ds, cfg.data.workers))
     ckpt = checkpointer(workdir, fold)
     meta_base = {"config": cfg.to_dict(), "fold": fold, "steps_per_epoch": spe}
     latest = ckpt.latest_step()

@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
+from common.loader import iterate
 from famf_jax import pipeline, synthetic
 from famf_jax.dataset import Record
 
@@ -26,7 +27,7 @@ CFG = pipeline.ImageConfig(image_size=32, paired_crop=False)
 
 
 def take(ds, workers, n):
-    return list(itertools.islice(iter(pipeline.iterate(ds, workers)), n))
+    return list(itertools.islice(iter(iterate(ds, workers)), n))
 
 
 def test_train_batches_shapes_range(records):

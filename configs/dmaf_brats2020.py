@@ -1,0 +1,24 @@
+"""DMAF-Net on BraTS2020: `configs/dmaf_brats2020.py` (= paper), `:paper`, `:demo`, `:smoke`.
+
+Paper: the RFNet 219/50/100 split and the mr2468 CSV shipped in dmaf_jax/data/brats2020 (used
+when the preprocessed names match), 80^3 crops, fixed per-case masks. Demo: 6 synthetic cases in
+the real raw layout, generated and preprocessed on first use. Smoke: small volumes, for tests.
+"""
+
+from configs.dmaf_common import base_config
+
+
+def get_config(variant: str = "paper"):
+    c = base_config("brats2020", variant)
+    c.data.missing_rate = "mr2468"
+    if variant == "demo":
+        c.data.synthetic_cases = 6
+    elif variant == "smoke":
+        c.data.synthetic_cases = 6
+        c.data.synthetic_shape = (40, 44, 36)
+        c.data.min_size = 32
+        c.data.crop = (24, 24, 24)
+        c.data.batch_size = 2
+        c.data.workers = 0
+        c.data.preprocess_workers = 1
+    return c

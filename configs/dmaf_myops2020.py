@@ -1,0 +1,25 @@
+"""DMAF-Net on MyoPS2020: `configs/dmaf_myops2020.py` (= paper), `:paper`, `:demo`, `:smoke`.
+
+Paper: the 80/22-slice split and the 357 long-tail CSV shipped in dmaf_jax/data/myops2020,
+2-D slices centre-cropped to 256 x 256. Demo/smoke: synthetic cases in the raw layout.
+"""
+
+from configs.dmaf_common import base_config
+
+
+def get_config(variant: str = "paper"):
+    c = base_config("myops2020", variant)
+    c.data.missing_rate = "357"
+    c.data.crop = (256, 256, 1)
+    c.data.random_crop = False
+    c.data.synthetic_shape = (160, 160, 5)
+    if variant == "demo":
+        c.data.synthetic_cases = 6
+    elif variant == "smoke":
+        c.data.synthetic_cases = 4
+        c.data.synthetic_shape = (48, 40, 3)
+        c.data.crop = (32, 32, 1)
+        c.data.batch_size = 2
+        c.data.workers = 0
+        c.data.preprocess_workers = 1
+    return c

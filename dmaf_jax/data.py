@@ -1,0 +1,156 @@
+"""Grain training pipeline for preprocessed DMAF volumes (spec sections 1.4 and 1.5).
+
+Per sample, with the per-element generator Grain passes in (identical batches with 0 or N
+workers): the training mask (the case's fixed CSV mask, a random sub-mask of it, or a random
+combination), a crop read through a memory map (random corner; centred for MyoPS slices;
+zero-padded where the volume is smaller), a nearest-neighbour rotation in one of the planes
+(H, W), (W, D), (H, D) by an integer angle in [-r, r) with image fill -1 and label fill 0 (the
+original's scipy call, done as one gather whose index grid all channels share), the intensity
+change x * s + t with s ~ U(0.9, 1.1), t ~ U(-0.1, 0.1) drawn per channel and per index along
+the first axis (the original's quirk, kept), flips of each axis with probability 1/2, and the
+missing modalities zeroed. Batches hold image (B, *crop, M) float32, label (B, *crop) uint8,
+mask (B, M) bool and the case index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from dmaf_jax import missing
+from dmaf_jax.modalities import DatasetSpec
+
+ROTATION_PLANES = ((0, 1), (1, 2), (0, 2))  # the original's (1,0), (2,1), (2,0), sorted
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    vol: str  # path of the (H, W, D, M) float32 .npy
+    seg: str  # path of the (H, W, D) uint8 .npy
+    mask: tuple[bool, ...]  # the case's presence mask (all True when no CSV applies)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    crop: tuple[int, int, int] = (80, 80, 80)
+    random_crop: bool = True  # False: centred crop (MyoPS)
+    rotation: int = 10  # degrees; 0 disables
+    intensity: float = 0.1  # scale in [1 - a, 1 + a], shift in [-a, a]; 0 disables
+    flip: bool = True
+    image_fill: float = -1.0  # rotation fill of the images (labels: 0)
+    mask_mode: str = "fixed"  # fixed | sub | random (missing.TRAINING_MODES)
+
+
+def crop_origin(shape: Sequence[int], crop: Sequence[int], rng, random: bool) -> list[int]:
+    """Start per axis; may be negative when the volume is smaller than the crop (padding)."""
+    out = []
+    for s, c in zip(shape, crop):
+        if s <= c:
+            out.append(-((c - s) // 2))
+        elif random:
+            out.append(int(rng.integers(0, s - c + 1)))
+        else:
+            out.append((s - c) // 2)
+    return out
+
+
+def read_crop(path: str, origin: Sequence[int], crop: Sequence[int], fill=0) -> np.ndarray:
+    """The crop of a .npy read through a memory map (only the pages it needs), padded with
+    `fill` where it leaves the volume."""
+    arr = np.load(path, mmap_mode="r")
+    src, dst = [], []
+    for o, c, s in zip(origin, crop, arr.shape):
+        lo, hi = max(o, 0), min(o + c, s)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - o, hi - o))
+    out = np.full(tuple(crop) + arr.shape[len(crop) :], fill, dtype=arr.dtype)
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def rotation_indices(shape: Sequence[int], angle: float):
+    """Source indices (rows, cols) and validity of scipy.ndimage.rotate(order=0, reshape=False)
+    for a plane of `shape` (2,)."""
+    a = np.deg2rad(angle)
+    c, s = np.cos(a), np.sin(a)
+    rot = np.array([[c, s], [-s, c]])
+    size = np.asarray(shape, np.float64)
+    offset = (size - 1) / 2 - rot @ ((size - 1) / 2)
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    src = np.einsum("ab,bij->aij", rot, np.stack([i, j]).astype(np.float64)) + offset[:, None, None]
+    r = np.floor(src + 0.5).astype(np.int64)
+    # scipy's mode='constant' fills every point whose coordinate leaves [0, n - 1].
+    eps = 1e-9
+    valid = (
+        (src[0] >= -eps)
+        & (src[0] <= size[0] - 1 + eps)
+        & (src[1] >= -eps)
+        & (src[1] <= size[1] - 1 + eps)
+    )
+    return np.clip(r[0], 0, shape[0] - 1), np.clip(r[1], 0, shape[1] - 1), valid
+
+
+def rotate(x: np.ndarray, angle: float, plane: tuple[int, int], fill) -> np.ndarray:
+    """Nearest-neighbour rotation of x (spatial axes first) in `plane`, one gather for all
+    trailing axes."""
+    a, b = plane
+    v = np.moveaxis(x, (a, b), (0, 1))
+    rows, cols, valid = rotation_indices(v.shape[:2], angle)
+    out = v[rows, cols]
+    out[~valid] = fill
+    return np.moveaxis(out, (0, 1), (a, b))
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """One training sample from a (index, Case) pair; see the module docstring."""
+
+    def __init__(self, spec: DatasetSpec, cfg: AugmentConfig):
+        self.spec, self.cfg = spec, cfg
+
+    def random_map(self, item: tuple[int, Case], rng: np.random.Generator) -> dict:
+        index, case = item
+        cfg = self.cfg
+        mask = missing.training_mask(self.spec, cfg.mask_mode, np.array(case.mask), rng)
+        shape = np.load(case.seg, mmap_mode="r").shape
+        origin = crop_origin(shape, cfg.crop, rng, cfg.random_crop)
+        image = read_crop(case.vol, origin, cfg.crop).astype(np.float32, copy=False)
+        label = read_crop(case.seg, origin, cfg.crop)
+        if cfg.rotation:
+            plane = ROTATION_PLANES[int(rng.integers(len(ROTATION_PLANES)))]
+            angle = int(rng.integers(-cfg.rotation, cfg.rotation))
+            if angle and min(cfg.crop[plane[0]], cfg.crop[plane[1]]) > 1:
+                image = rotate(image, angle, plane, cfg.image_fill)
+                label = rotate(label, angle, plane, 0)
+        if cfg.intensity:
+            a = cfg.intensity
+            factor_shape = (image.shape[0],) + (1,) * (image.ndim - 2) + (image.shape[-1],)
+            scale = rng.uniform(1 - a, 1 + a, factor_shape).astype(np.float32)
+            shift = rng.uniform(-a, a, factor_shape).astype(np.float32)
+            image = image * scale + shift
+        if cfg.flip:
+            for axis in range(3):
+                if rng.random() < 0.5:
+                    image, label = np.flip(image, axis), np.flip(label, axis)
+        image = np.where(mask, image, 0.0).astype(np.float32)
+        return {
+            "image": np.ascontiguousarray(image),
+            "label": np.ascontiguousarray(label),
+            "mask": mask.astype(bool),
+            "index": np.int32(index),
+        }
+
+
+def train_dataset(
+    spec: DatasetSpec,
+    cases: Sequence[Case],
+    cfg: AugmentConfig,
+    batch_size: int,
+    seed: int,
+    epochs: int | None = None,
+) -> grain.MapDataset:
+    ds = grain.MapDataset.source(list(enumerate(cases))).seed(seed).shuffle().repeat(epochs)
+    return ds.random_map(TrainTransform(spec, cfg)).batch(batch_size, drop_remainder=True)

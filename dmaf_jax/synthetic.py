@@ -1,0 +1,168 @@
+"""Synthetic data in the real raw layouts of BraTS2020 and MyoPS2020, for demos and tests.
+
+BraTS: `<raw>/BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1ce,t1,t2,seg}.nii.gz`, int16
+images (240 x 240 x 155 by default) with BraTS's affine, skull-stripped (zero outside the head),
+labels 0/1/2/4. A head-like ellipsoid with grey/white matter and CSF texture holds a tumour with
+a necrotic core (1), an enhancing rim (4) and oedema (2) whose contrasts differ per modality as
+in real MRI: oedema bright in FLAIR and T2, the rim bright in T1ce, the core dark in T1.
+
+MyoPS: `<raw>/myops_training_1XX/myops_training_1XX_{C0,DE,T2,gd}.nii.gz`, short-axis slices
+with LV blood pool (500), myocardium (200), RV blood pool (600), oedema (1220) and scar (2221).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from common import nifti
+
+# Mean intensity per tissue and modality (arbitrary units, roughly like real scans).
+BRATS_TISSUE = {  # flair, t1ce, t1, t2
+    "csf": (150, 250, 250, 1400),
+    "grey": (620, 520, 520, 800),
+    "white": (480, 700, 720, 560),
+    "oedema": (1150, 480, 430, 1250),
+    "enhancing": (760, 1500, 560, 850),
+    "necrosis": (520, 260, 200, 1050),
+}
+
+
+def _smooth(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return field / (field.std() + 1e-6)
+
+
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    """Normalised radius: < 1 inside the ellipsoid."""
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    return np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)))
+
+
+def brats_affine(shape: Sequence[int]) -> np.ndarray:
+    """BraTS's LPS-flipped 1 mm affine."""
+    a = np.diag([-1.0, -1.0, 1.0, 1.0])
+    a[1, 3] = shape[1] - 1
+    return a
+
+
+def brats_case(rng: np.random.Generator, shape=(240, 240, 155)) -> tuple[dict, np.ndarray]:
+    """({modality: int16 volume}, uint8 labels in {0, 1, 2, 4})."""
+    shape = tuple(shape)
+    s = np.array(shape, np.float32)
+    centre = s / 2 + rng.uniform(-0.03, 0.03, 3) * s
+    head = _ellipsoid(shape, centre, s * np.array([0.36, 0.43, 0.40]))
+    texture = _smooth(rng, shape, max(1.0, s.min() / 40))
+    csf = (head > 0.9) | (np.abs(texture) > 1.9)
+    white = (texture > -0.2) & ~csf
+    tissue = np.where(csf, 0, np.where(white, 2, 1))  # 0 csf, 1 grey, 2 white
+
+    t_centre = centre + rng.uniform(-0.15, 0.15, 3) * s
+    r = rng.uniform(0.06, 0.1) * s.min()
+    lobes = 1 + 0.15 * _smooth(rng, shape, max(1.0, s.min() / 15))
+    dist = _ellipsoid(shape, t_centre, r * rng.uniform(0.8, 1.2, 3)) / lobes
+    labels = np.zeros(shape, np.uint8)
+    labels[dist < rng.uniform(1.8, 2.4)] = 2
+    labels[dist < 1.0] = 4
+    labels[dist < rng.uniform(0.45, 0.7)] = 1
+    labels[head >= 1] = 0
+
+    names = ("csf", "grey", "white")
+    images = {}
+    for k, m in enumerate(("flair", "t1ce", "t1", "t2")):
+        base = np.array([BRATS_TISSUE[n][k] for n in names], np.float32)[tissue]
+        for lab, n in ((2, "oedema"), (4, "enhancing"), (1, "necrosis")):
+            base[labels == lab] = BRATS_TISSUE[n][k]
+        bias = 1 + 0.08 * _smooth(rng, shape, s.min() / 6)
+        vol = base * bias + rng.normal(0, 0.04 * base.mean(), shape)
+        vol[head >= 1] = 0
+        images[m] = np.clip(vol, 0, 32000).astype(np.int16)
+    return images, labels
+
+
+def write_brats(
+    raw_dir: str | pathlib.Path,
+    n_cases: int,
+    shape=(240, 240, 155),
+    seed: int = 0,
+    first_id: int = 1,
+    progress=None,
+) -> list[str]:
+    """Write `n_cases` cases named BraTS20_Training_XXX; returns their names."""
+    raw = pathlib.Path(raw_dir)
+    rng = np.random.default_rng(seed)
+    names = [f"BraTS20_Training_{i:03d}" for i in range(first_id, first_id + n_cases)]
+    affine = brats_affine(shape)
+    for name in progress(names) if progress else names:
+        images, labels = brats_case(rng, shape)
+        d = raw / name
+        d.mkdir(parents=True, exist_ok=True)
+        for m, vol in images.items():
+            nifti.save(d / f"{name}_{m}.nii.gz", vol, affine)
+        nifti.save(d / f"{name}_seg.nii.gz", labels, affine)
+    return names
+
+
+def myops_case(rng: np.random.Generator, shape=(128, 128, 4)) -> tuple[dict, np.ndarray]:
+    """({'C0', 'DE', 'T2': int16 volume}, int16 labels in {0, 200, 500, 600, 1220, 2221})."""
+    h, w, n = shape
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    labels = np.zeros(shape, np.int16)
+    body = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.48 * w)) ** 2 < 1
+    for z in range(n):
+        cy, cx = h / 2 + rng.uniform(-3, 3), w / 2 + rng.uniform(-3, 3)
+        r_lv = (0.11 - 0.01 * z) * min(h, w)
+        rho = np.hypot(yy - cy, xx - cx)
+        theta = np.arctan2(yy - cy, xx - cx)
+        lab = np.zeros((h, w), np.int16)
+        rv = np.hypot(yy - cy, xx - (cx - 1.9 * r_lv)) < 1.5 * r_lv
+        lab[rv] = 600
+        myo = (rho >= r_lv) & (rho < r_lv * 1.45)
+        lab[myo] = 200
+        lab[rho < r_lv] = 500
+        a0 = rng.uniform(-np.pi, np.pi)
+        sector = np.abs(np.angle(np.exp(1j * (theta - a0)))) < rng.uniform(0.4, 0.9)
+        lab[myo & sector] = 1220
+        lab[myo & sector & (rho < r_lv * 1.25)] = 2221
+        labels[:, :, z] = lab
+    tissue = {  # C0 (bSSFP), DE (LGE), T2
+        0: (300, 150, 250),
+        200: (220, 120, 300),
+        500: (900, 500, 500),
+        600: (880, 480, 480),
+        1220: (240, 200, 750),
+        2221: (230, 950, 500),
+    }
+    images = {}
+    for k, m in enumerate(("C0", "DE", "T2")):
+        base = np.zeros(shape, np.float32)
+        for value, means in tissue.items():
+            base[labels == value] = means[k]
+        vol = base * (1 + 0.1 * _smooth(rng, shape, 6)) + rng.normal(0, 25, shape)
+        vol[~body] = 0
+        images[m] = np.clip(vol, 0, 4000).astype(np.int16)
+    return images, labels
+
+
+def write_myops(
+    raw_dir: str | pathlib.Path,
+    n_cases: int,
+    shape=(128, 128, 4),
+    seed: int = 0,
+    first_id: int = 101,
+) -> list[str]:
+    raw = pathlib.Path(raw_dir)
+    rng = np.random.default_rng(seed)
+    names = [f"myops_training_{i}" for i in range(first_id, first_id + n_cases)]
+    affine = np.diag([1.25, 1.25, 8.0, 1.0])
+    for name in names:
+        images, labels = myops_case(rng, shape)
+        d = raw / name
+        d.mkdir(parents=True, exist_ok=True)
+        for m, vol in images.items():
+            nifti.save(d / f"{name}_{m}.nii.gz", vol, affine)
+        nifti.save(d / f"{name}_gd.nii.gz", labels, affine)
+    return names
