@@ -101,7 +101,7 @@ def _load_case(case_dir: pathlib.Path, spec: DatasetSpec):
     if not np.allclose(a, affine, atol=1e-3):
         raise CaseError(f"affine of the label {label_path.name} differs from the images'")
     values = np.unique(seg)
-    bad = [v for v in values if v not in spec.label_map]
+    bad = [int(v) if float(v).is_integer() else float(v) for v in values if v not in spec.label_map]
     if bad:
         raise CaseError(f"label values {bad[:5]} outside {sorted(spec.label_map)}")
     lut = np.zeros(int(max(spec.label_map)) + 1, np.uint8)
