@@ -65,8 +65,6 @@ class _QuietLibraries(pylogging.Filter):
 def _dmaf(cfg, mode: str, workdir: pathlib.Path) -> None:
     if mode != "preprocess":
         raise ValueError(f"DMAF-Net supports --mode=preprocess so far, not {mode!r}")
-    import itertools
-
     from common import viz
     from common.loader import iterate
     from dmaf_jax import data, dataset
@@ -83,10 +81,9 @@ def _dmaf(cfg, mode: str, workdir: pathlib.Path) -> None:
             print(f"  failed {case}: {reason}")
     print(f"split ({s['split_source']}): {s['split_sizes']}")
     print(f"masks ({s['mask_source']}): available per modality {s['availability']}")
-    ds = data.train_dataset(
-        prep.spec, prep.cases("train"), dataset.augment_config(cfg), cfg.data.batch_size, cfg.seed
-    )
-    batch = next(itertools.islice(iter(iterate(ds, workers=0)), 1))
+    ds = data.train_dataset(prep.spec, prep.cases("train"), dataset.augment_config(cfg), cfg.seed)
+    batches = iterate(ds, cfg.data.workers, cfg.data.batch_size, threads=cfg.data.threads)
+    batch = next(iter(batches))
     png = viz.segmentation_batch(
         batch["image"],
         batch["label"],

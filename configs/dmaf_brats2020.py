@@ -19,6 +19,5 @@ def get_config(variant: str = "paper"):
         c.data.min_size = 32
         c.data.crop = (24, 24, 24)
         c.data.batch_size = 2
-        c.data.workers = 0
         c.data.preprocess_workers = 1
     return c

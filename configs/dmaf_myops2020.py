@@ -20,6 +20,5 @@ def get_config(variant: str = "paper"):
         c.data.synthetic_shape = (48, 40, 3)
         c.data.crop = (32, 32, 1)
         c.data.batch_size = 2
-        c.data.workers = 0
         c.data.preprocess_workers = 1
     return c

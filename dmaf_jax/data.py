@@ -7,8 +7,9 @@ zero-padded where the volume is smaller), a nearest-neighbour rotation in one of
 (H, W), (W, D), (H, D) by an integer angle in [-r, r) with image fill -1 and label fill 0 (the
 original's scipy call, done as one gather whose index grid all channels share), the intensity
 change x * s + t with s ~ U(0.9, 1.1), t ~ U(-0.1, 0.1) drawn per channel and per index along
-the first axis (the original's quirk, kept), flips of each axis with probability 1/2, and the
-missing modalities zeroed. Batches hold image (B, *crop, M) float32, label (B, *crop) uint8,
+the first axis (the original's quirk, kept; drawn after the flips here, the same in
+distribution), flips of each axis with probability 1/2, and the missing modalities zeroed.
+Batches (`common.loader.iterate`) hold image (B, *crop, M) float32, label (B, *crop) uint8,
 mask (B, M) bool and the case index.
 """
 
@@ -125,19 +126,22 @@ class TrainTransform(grain.transforms.RandomMap):
             if angle and min(cfg.crop[plane[0]], cfg.crop[plane[1]]) > 1:
                 image = rotate(image, angle, plane, cfg.image_fill)
                 label = rotate(label, angle, plane, 0)
-        if cfg.intensity:
-            a = cfg.intensity
-            factor_shape = (image.shape[0],) + (1,) * (image.ndim - 2) + (image.shape[-1],)
-            scale = rng.uniform(1 - a, 1 + a, factor_shape).astype(np.float32)
-            shift = rng.uniform(-a, a, factor_shape).astype(np.float32)
-            image = image * scale + shift
-        if cfg.flip:
+        if cfg.flip:  # views; the intensity pass below writes the contiguous result
             for axis in range(3):
                 if rng.random() < 0.5:
                     image, label = np.flip(image, axis), np.flip(label, axis)
-        image = np.where(mask, image, 0.0).astype(np.float32)
+        # The intensity change and the zeroing of missing modalities in one pass over the crop.
+        keep = mask.astype(np.float32)
+        if cfg.intensity:
+            a = cfg.intensity
+            factor_shape = (image.shape[0],) + (1,) * (image.ndim - 2) + (image.shape[-1],)
+            scale = rng.uniform(1 - a, 1 + a, factor_shape).astype(np.float32) * keep
+            shift = rng.uniform(-a, a, factor_shape).astype(np.float32) * keep
+            image = image * scale + shift
+        else:
+            image = image * keep
         return {
-            "image": np.ascontiguousarray(image),
+            "image": np.ascontiguousarray(image, np.float32),
             "label": np.ascontiguousarray(label),
             "mask": mask.astype(bool),
             "index": np.int32(index),
@@ -148,9 +152,9 @@ def train_dataset(
     spec: DatasetSpec,
     cases: Sequence[Case],
     cfg: AugmentConfig,
-    batch_size: int,
     seed: int,
     epochs: int | None = None,
 ) -> grain.MapDataset:
+    """Shuffled (a new order each epoch) training samples; batch with `common.loader.iterate`."""
     ds = grain.MapDataset.source(list(enumerate(cases))).seed(seed).shuffle().repeat(epochs)
-    return ds.random_map(TrainTransform(spec, cfg)).batch(batch_size, drop_remainder=True)
+    return ds.random_map(TrainTransform(spec, cfg))

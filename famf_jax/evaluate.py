@@ -18,6 +18,7 @@ from absl import logging
 
 from common import metrics as metrics_lib
 from common import viz
+from common.loader import iterate
 from common.logging import read_jsonl
 from famf_jax import dataset, inference, pipeline
 from famf_jax.train import (
@@ -47,7 +48,7 @@ def _overlay_rows(cfg, variables, records, n: int) -> list[dict]:
     if n <= 0 or not records:
         return []
     picks = sorted(records, key=lambda r: -r.label)[:n]  # malignant first: the rarer class
-    batch = next(iter(pipeline.eval_dataset(picks, image_config(cfg), len(picks))))
+    batch = next(iter(iterate(pipeline.eval_dataset(picks, image_config(cfg)), 0, len(picks))))
     out = inference.predict(variables, batch["bmode"], batch["swe"], faithful=cfg.faithful)
     if "cam_bmode" not in out:
         return []

@@ -117,17 +117,17 @@ def _source(records: Sequence[Record]) -> grain.MapDataset:
 
 
 def train_dataset(
-    records: Sequence[Record], cfg: ImageConfig, batch_size: int, seed: int, epochs: int | None
+    records: Sequence[Record], cfg: ImageConfig, seed: int, epochs: int | None
 ) -> grain.MapDataset:
-    """Shuffled (a new order each epoch), augmented, full batches only (static shapes)."""
+    """Shuffled (a new order each epoch) and augmented pairs; batch with `common.loader.iterate`
+    and drop the remainder, so every step has the same shapes."""
     ds = _source(records).seed(seed).shuffle().repeat(epochs)
-    ds = ds.map(LoadPair(cfg)).random_map(TrainAugment(cfg))
-    return ds.batch(batch_size, drop_remainder=True)
+    return ds.map(LoadPair(cfg)).random_map(TrainAugment(cfg))
 
 
-def eval_dataset(records: Sequence[Record], cfg: ImageConfig, batch_size: int) -> grain.MapDataset:
-    """In order, centre crops; the last batch may be short (the caller pads it)."""
-    return _source(records).map(LoadPair(cfg)).map(EvalTransform(cfg)).batch(batch_size)
+def eval_dataset(records: Sequence[Record], cfg: ImageConfig) -> grain.MapDataset:
+    """In order, centre crops."""
+    return _source(records).map(LoadPair(cfg)).map(EvalTransform(cfg))
 
 
 def steps_per_epoch(n_records: int, batch_size: int) -> int:

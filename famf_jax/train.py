@@ -193,9 +193,10 @@ def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") 
 
     Read in process: evaluation sets are small, and worker start-up would cost more."""
     bs = cfg.eval.batch_size
-    ds = pipeline.eval_dataset(records, image_config(cfg), bs)
+    ds = pipeline.eval_dataset(records, image_config(cfg))
+    batches = iterate(ds, workers=0, batch_size=bs, drop_remainder=False)
     probs = []
-    for batch in progress(iterate(ds, workers=0), total=len(ds), desc=desc):
+    for batch in progress(batches, total=-(-len(ds) // bs), desc=desc):
         n = len(batch["label"])
         out = predict_core(
             variables,
@@ -279,8 +280,8 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
         raise dataset.DataError(f"fold {fold}: {len(train_records)} training patients < batch {bs}")
     total_steps = spe * cfg.train.epochs
     state, tx = create_state(cfg, spe)
-    ds = pipeline.train_dataset(train_records, image_config(cfg), bs, cfg.seed + fold, None)
-    it = iter(iterate(ds, cfg.data.workers))
+    ds = pipeline.train_dataset(train_records, image_config(cfg), cfg.seed + fold, None)
+    it = iter(iterate(ds, cfg.data.workers, batch_size=bs))
     ckpt = checkpointer(workdir, fold)
     meta_base = {"config": cfg.to_dict(), "fold": fold, "steps_per_epoch": spe}
     latest = ckpt.latest_step()

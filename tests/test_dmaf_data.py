@@ -57,8 +57,8 @@ CFG = data.AugmentConfig(crop=(16, 16, 16))
 
 
 def batches(cases, workers, n=4, seed=3, cfg=CFG):
-    ds = data.train_dataset(BRATS, cases, cfg, batch_size=2, seed=seed)
-    return list(itertools.islice(iter(iterate(ds, workers)), n))
+    ds = data.train_dataset(BRATS, cases, cfg, seed=seed)
+    return list(itertools.islice(iter(iterate(ds, workers, batch_size=2)), n))
 
 
 def test_batches_shapes_masks(cases):

@@ -26,39 +26,40 @@ def records(tmp_path_factory):
 CFG = pipeline.ImageConfig(image_size=32, paired_crop=False)
 
 
-def take(ds, workers, n):
-    return list(itertools.islice(iter(iterate(ds, workers)), n))
+def take(ds, workers, n, batch_size, drop_remainder=True):
+    batches = iterate(ds, workers, batch_size=batch_size, drop_remainder=drop_remainder)
+    return list(itertools.islice(iter(batches), n))
 
 
 def test_train_batches_shapes_range(records):
-    ds = pipeline.train_dataset(records, CFG, batch_size=4, seed=1, epochs=None)
-    b = take(ds, 0, 3)[0]
+    ds = pipeline.train_dataset(records, CFG, seed=1, epochs=None)
+    b = take(ds, 0, 3, 4)[0]
     assert b["bmode"].shape == (4, 32, 32, 3) and b["swe"].shape == (4, 32, 32, 3)
     assert b["bmode"].dtype == np.float32 and b["label"].shape == (4,)
     assert -1 <= b["bmode"].min() and b["bmode"].max() <= 1
     # 10 records, batch 4: 2 full batches an epoch, every record at most once per epoch.
-    first_epoch = np.concatenate([x["index"] for x in take(ds, 0, 2)])
+    first_epoch = np.concatenate([x["index"] for x in take(ds, 0, 2, 4)])
     assert len(set(first_epoch.tolist())) == 8
 
 
 def test_same_batches_with_0_and_2_workers(records):
-    ds = pipeline.train_dataset(records, CFG, batch_size=2, seed=7, epochs=None)
-    a, b = take(ds, 0, 6), take(ds, 2, 6)
+    ds = pipeline.train_dataset(records, CFG, seed=7, epochs=None)
+    a, b = take(ds, 0, 6, 2), take(ds, 2, 6, 2)
     for x, y in zip(a, b):
         for k in ("bmode", "swe", "index"):
             np.testing.assert_array_equal(x[k], y[k])
-    other = take(pipeline.train_dataset(records, CFG, 2, seed=8, epochs=None), 0, 1)[0]
+    other = take(pipeline.train_dataset(records, CFG, seed=8, epochs=None), 0, 1, 2)[0]
     assert not np.array_equal(other["bmode"], a[0]["bmode"])
 
 
 def test_paired_crop_and_eval(records):
     same = [Record("x", records[0].bmode, records[0].bmode, 0)] * 4
     paired = pipeline.ImageConfig(image_size=32, paired_crop=True)
-    b = take(pipeline.train_dataset(same, paired, 4, seed=0, epochs=None), 0, 1)[0]
+    b = take(pipeline.train_dataset(same, paired, seed=0, epochs=None), 0, 1, 4)[0]
     np.testing.assert_array_equal(b["bmode"], b["swe"])
-    indep = take(pipeline.train_dataset(same, CFG, 4, seed=0, epochs=None), 0, 1)[0]
+    indep = take(pipeline.train_dataset(same, CFG, seed=0, epochs=None), 0, 1, 4)[0]
     assert not np.array_equal(indep["bmode"], indep["swe"])
-    ev = take(pipeline.eval_dataset(records, CFG, 4), 0, 3)
+    ev = take(pipeline.eval_dataset(records, CFG), 0, 3, 4, drop_remainder=False)
     assert [len(x["label"]) for x in ev] == [4, 4, 2]
-    again = take(pipeline.eval_dataset(records, CFG, 4), 0, 1)[0]
+    again = take(pipeline.eval_dataset(records, CFG), 0, 1, 4)[0]
     np.testing.assert_array_equal(ev[0]["swe"], again["swe"])
