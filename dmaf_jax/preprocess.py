@@ -158,6 +158,19 @@ def _write(out_root: pathlib.Path, name: str, vol: np.ndarray, seg: np.ndarray) 
         os.replace(tmp, path)
 
 
+def _case_meta(case_dir: pathlib.Path, spec: DatasetSpec, affine, header, note) -> dict:
+    """What is needed to put a prediction back into the case's original geometry."""
+    return {
+        "case": case_dir.name,
+        "modalities": list(spec.modalities),
+        "original_shape": header["shape"],
+        "affine": np.asarray(affine).tolist(),
+        "header": header,
+        "label_map": {str(k): v for k, v in spec.label_map.items()},
+        "note": note,
+    }
+
+
 def preprocess_brats_case(
     case_dir: pathlib.Path, out_root: pathlib.Path, min_size: int
 ) -> CaseResult:
@@ -173,19 +186,13 @@ def preprocess_brats_case(
     vol, seg = apply_box(vol, box), apply_box(seg, box)
     vol = zscore(vol, vol.sum(axis=-1) > 0)
     _write(out_root, name, vol.astype(np.float32), seg.astype(np.uint8))
-    meta = {
-        "case": case_dir.name,
-        "name": name,
-        "modalities": list(BRATS.modalities),
-        "original_shape": header["shape"],
-        "affine": np.asarray(affine).tolist(),
-        "header": header,
-        "crop": [[a, b] for a, b, _, _ in box],
-        "pad": [[p, q] for _, _, p, q in box],
-        "shape": list(seg.shape),
-        "label_map": {str(k): v for k, v in BRATS.label_map.items()},
-        "note": note,
-    }
+    meta = _case_meta(case_dir, BRATS, affine, header, note)
+    meta.update(
+        name=name,
+        crop=[[a, b] for a, b, _, _ in box],
+        pad=[[p, q] for _, _, p, q in box],
+        shape=list(seg.shape),
+    )
     meta_path.write_text(json.dumps(meta, indent=1))
     return CaseResult(case_dir.name, [name], note=note)
 
@@ -212,16 +219,7 @@ def preprocess_myops_case(
             seg[:, :, i : i + 1].astype(np.uint8),
         )
         names.append(name)
-    meta = {
-        "case": case_dir.name,
-        "slices": names,
-        "modalities": list(MYOPS.modalities),
-        "original_shape": header["shape"],
-        "affine": np.asarray(affine).tolist(),
-        "header": header,
-        "label_map": {str(k): v for k, v in MYOPS.label_map.items()},
-        "note": note,
-    }
+    meta = dict(_case_meta(case_dir, MYOPS, affine, header, note), slices=names)
     meta_path.write_text(json.dumps(meta, indent=1))
     return CaseResult(case_dir.name, names, note=note)
 

@@ -83,6 +83,19 @@ def brats_case(rng: np.random.Generator, shape=(240, 240, 155)) -> tuple[dict, n
     return images, labels
 
 
+def _write_cases(raw_dir, names, make_case, affine, progress=None) -> list[str]:
+    """Write each case as `<raw>/<name>/<name>_<suffix>.nii.gz` from make_case() ->
+    ({suffix: volume}, {label suffix: labels})."""
+    raw = pathlib.Path(raw_dir)
+    for name in progress(names) if progress else names:
+        images, labels = make_case()
+        d = raw / name
+        d.mkdir(parents=True, exist_ok=True)
+        for suffix, vol in {**images, **labels}.items():
+            nifti.save(d / f"{name}_{suffix}.nii.gz", vol, affine)
+    return list(names)
+
+
 def write_brats(
     raw_dir: str | pathlib.Path,
     n_cases: int,
@@ -92,18 +105,14 @@ def write_brats(
     progress=None,
 ) -> list[str]:
     """Write `n_cases` cases named BraTS20_Training_XXX; returns their names."""
-    raw = pathlib.Path(raw_dir)
     rng = np.random.default_rng(seed)
     names = [f"BraTS20_Training_{i:03d}" for i in range(first_id, first_id + n_cases)]
-    affine = brats_affine(shape)
-    for name in progress(names) if progress else names:
+
+    def make():
         images, labels = brats_case(rng, shape)
-        d = raw / name
-        d.mkdir(parents=True, exist_ok=True)
-        for m, vol in images.items():
-            nifti.save(d / f"{name}_{m}.nii.gz", vol, affine)
-        nifti.save(d / f"{name}_seg.nii.gz", labels, affine)
-    return names
+        return images, {"seg": labels}
+
+    return _write_cases(raw_dir, names, make, brats_affine(shape), progress)
 
 
 def myops_case(rng: np.random.Generator, shape=(128, 128, 4)) -> tuple[dict, np.ndarray]:
@@ -154,15 +163,12 @@ def write_myops(
     seed: int = 0,
     first_id: int = 101,
 ) -> list[str]:
-    raw = pathlib.Path(raw_dir)
+    """Write `n_cases` cases named myops_training_1XX; returns their names."""
     rng = np.random.default_rng(seed)
     names = [f"myops_training_{i}" for i in range(first_id, first_id + n_cases)]
-    affine = np.diag([1.25, 1.25, 8.0, 1.0])
-    for name in names:
+
+    def make():
         images, labels = myops_case(rng, shape)
-        d = raw / name
-        d.mkdir(parents=True, exist_ok=True)
-        for m, vol in images.items():
-            nifti.save(d / f"{name}_{m}.nii.gz", vol, affine)
-        nifti.save(d / f"{name}_gd.nii.gz", labels, affine)
-    return names
+        return images, {"gd": labels}
+
+    return _write_cases(raw_dir, names, make, np.diag([1.25, 1.25, 8.0, 1.0]))
