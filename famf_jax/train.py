@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -270,6 +271,47 @@ class FoldResult:
     seconds: float
 
 
+class _TrainLog:
+    """Step outputs stay on the device until a flush, so logging adds no per-step sync."""
+
+    def __init__(self, writer: MetricWriter, steps_per_epoch: int):
+        self.writer, self.spe = writer, steps_per_epoch
+        self.pending: list[dict] = []
+        self.losses: list[float] = []
+        self.counts = np.zeros(4)  # tp, fp, tn, fn of the epoch's pre-step predictions
+
+    @property
+    def epoch_loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else math.nan
+
+    def add(self, out: dict) -> None:
+        self.pending.append(out)
+
+    def flush(self, step: int, epoch: int, end_of_epoch: bool) -> dict:
+        """Writes the pending steps (ending at `step`); returns the progress-bar fields."""
+        rows = jax.device_get(self.pending)
+        for k, row in enumerate(rows):
+            scalars = {key: float(v) for key, v in row.items() if key != "counts"}
+            self.writer.write(step - len(rows) + k + 1, dict(scalars, epoch=epoch))
+            self.losses.append(scalars["loss"])
+            self.counts += row["counts"]
+        self.pending = []
+        fields = {"loss": f"{self.epoch_loss:.4f}"}
+        if rows and "alpha0" in rows[-1]:
+            fields.update(alpha0=f"{rows[-1]['alpha0']:.3f}", gamma=f"{rows[-1]['gamma']:.3f}")
+        if end_of_epoch:
+            tp, fp, tn, fn = self.counts
+            train = {
+                "train/loss": self.epoch_loss,
+                "train/accuracy": (tp + tn) / max(self.counts.sum(), 1),
+                "train/sensitivity": tp / max(tp + fn, 1),
+                "train/specificity": tn / max(tn + fp, 1),
+            }
+            self.writer.write(step, train)
+            self.losses, self.counts = [], np.zeros(4)
+        return fields
+
+
 def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) -> FoldResult:
     t0 = time.time()
     train_records = data.split(fold, "train")
@@ -290,55 +332,42 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
         state = jax.tree_util.tree_map(jnp.asarray, state)
         logging.info("fold %d: resumed at step %d (epoch %d)", fold, latest, meta["epoch"])
     step_fn = jit_train_step(cfg, tx)
-    writer = MetricWriter(fold_dir(workdir, fold))
-    start = int(state.step)
-    bar = progress(total=total_steps, initial=start, desc=f"fold {fold} train")
-    pending, epoch_loss = [], []
+    log = _TrainLog(MetricWriter(fold_dir(workdir, fold)), spe)
+    bar = progress(total=total_steps, initial=int(state.step), desc=f"fold {fold} train")
     fused = cfg.model.fusion and len(modalities(cfg)) == 2
-    for step in range(start, total_steps):
+    for step in range(int(state.step), total_steps):
         epoch, in_epoch = divmod(step, spe)
+        last_of_epoch = in_epoch == spe - 1
         warm = fused and epoch >= cfg.train.warmup_epochs
         active = epoch > cfg.train.warmup_epochs if cfg.faithful else warm
         batch = device_batch(next(it))
         state, out = step_fn(
             state, batch, jnp.asarray(active), jnp.asarray(in_epoch == 0), warm=warm
         )
-        pending.append(out)
+        log.add(out)
         bar.update(1)
-        if len(pending) >= cfg.train.log_every or in_epoch == spe - 1:
-            rows = jax.device_get(pending)
-            for k, row in enumerate(rows):
-                scalars = {key: float(v) for key, v in row.items() if key != "counts"}
-                scalars["epoch"] = epoch
-                writer.write(step + 1 - len(rows) + k + 1, scalars)
-                epoch_loss.append(scalars["loss"])
-            bar.set_postfix(
-                epoch=epoch,
-                loss=f"{np.mean(epoch_loss[-spe:]):.4f}",
-                **({"alpha0": f"{rows[-1]['alpha0']:.3f}"} if "alpha0" in rows[-1] else {}),
-            )
-            pending = []
-        last_of_epoch = in_epoch == spe - 1
+        if len(log.pending) >= cfg.train.log_every or last_of_epoch:
+            bar.set_postfix(epoch=epoch, **log.flush(step + 1, epoch, end_of_epoch=last_of_epoch))
         if last_of_epoch and ((epoch + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps):
             warm_eval = fused and epoch + 1 >= cfg.train.warmup_epochs
             m, _ = split_metrics(
                 cfg, state.variables, valid_records, warm_eval, f"fold {fold} valid"
             )
-            writer.write(step + 1, {f"valid/{k}": v for k, v in m.items() if np.isscalar(v)})
+            log.writer.write(step + 1, {f"valid/{k}": v for k, v in m.items() if np.isscalar(v)})
             logging.info(
-                "fold %d epoch %d: valid auc %.3f f1 %.3f acc %.3f loss %.4f",
+                "fold %d epoch %d: valid auc %.3f f1 %.3f acc %.3f, train loss %.4f",
                 fold,
                 epoch + 1,
                 m["roc_auc"],
                 m["f1"],
                 m["accuracy"],
-                float(np.mean(epoch_loss[-spe:])),
+                log.epoch_loss,
             )
             keep = {k: float(m[k]) for k in BEST_CRITERIA}
             meta = dict(meta_base, epoch=epoch + 1, step=step + 1, warm=warm_eval, metrics=keep)
             ckpt.save(step + 1, state, meta, data_iterator=it, metrics=keep)
     bar.close()
-    writer.close()
+    log.writer.close()
     best = {}
     for c in BEST_CRITERIA:
         s = ckpt.best_step(c)
