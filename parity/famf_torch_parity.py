@@ -1,0 +1,356 @@
+"""Parity of `famf_jax.inference.predict(faithful=True)` with a PyTorch model of the original.
+
+`OursNet` below is written from the specification (../shared/spec/famf-net.md, sections 2.1-2.6)
+with the original's own operations: NCHW convolutions, `nn.BatchNorm2d`, `F.interpolate`,
+`F.unfold` + `torch.var` for the colour moments, numpy/scipy region rules on the host,
+`F.affine_grid` + `F.grid_sample` for the (axis-swapped, B3) translations, and XGradCAM by
+autograd as torchcam computes it (no closed form). Its state_dict has the original's keys, so
+the JAX side goes through `famf_jax.convert.from_torch` as a user's checkpoint would.
+
+Needs torch (`pip install torch`); not part of the test suite. Run:
+
+    python parity/famf_torch_parity.py [--size 256] [--batch 3]
+
+Prints the largest deviations and exits non-zero if a tolerance of the issue is missed:
+probabilities and CAMs 1e-4, centres exact, MAF outputs 1e-3 relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy import ndimage, signal  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class Fire(nn.Module):
+    def __init__(self, cin, cout, s):
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, s, 1), nn.BatchNorm2d(s), nn.ReLU())
+        self.expand_1x1 = nn.Sequential(
+            nn.Conv2d(s, cout // 2, 1), nn.BatchNorm2d(cout // 2), nn.ReLU()
+        )
+        self.expand_3x3 = nn.Sequential(
+            nn.Conv2d(s, cout // 2, 3, padding=1), nn.BatchNorm2d(cout // 2), nn.ReLU()
+        )
+
+    def forward(self, x):
+        x = self.squeeze(x)
+        return torch.cat([self.expand_1x1(x), self.expand_3x3(x)], 1)
+
+
+class GaussianEdgeExtractor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        a = torch.arange(-2.0, 3.0)
+        y, x = torch.meshgrid(a, a, indexing="ij")
+        g = torch.exp(-(x**2 + y**2) / 2) / (2 * math.pi)
+        self.Gx_weight = nn.Parameter((-x * g).expand(3, 3, 5, 5).clone(), requires_grad=False)
+        self.Gy_weight = nn.Parameter((-y * g).expand(3, 3, 5, 5).clone(), requires_grad=False)
+
+    def forward(self, x):
+        hx = F.conv2d(x, self.Gx_weight, padding=2)
+        hy = F.conv2d(x, self.Gy_weight, padding=2)
+        return torch.tanh(torch.sqrt(hx**2 + hy**2 + 1e-8))
+
+
+def local_color_moments(x, window=5):
+    b, c, h, w = x.shape
+    p = F.unfold(x, window, padding=window // 2).view(b, c, window * window, h * w)
+    mean = p.mean(2)
+    var = p.var(2)  # unbiased, as torch.var's default
+    skew = ((p - mean[:, :, None]) ** 3).mean(2) / (torch.sqrt(var) ** 3 + 1e-6)
+    return torch.cat([mean, var, skew], 1).view(b, 3 * c, h, w)
+
+
+def bmode_centre(f):
+    """The original's numpy/scipy rule on one upsampled CAM (NaN-tolerant like numpy)."""
+    xm, ym = np.unravel_index(np.argmax(f), f.shape)
+    gmag = np.hypot(np.gradient(f, axis=0), np.gradient(f, axis=1))
+    labels, _ = ndimage.label(gmag < 0.2)
+    lab = labels[xm, ym]
+    if lab == 0:
+        return xm, ym
+    rows, cols = ndimage.find_objects(labels)[lab - 1]
+    return (rows.start + rows.stop) // 2, (cols.start + cols.stop) // 2
+
+
+def swe_centre(f):
+    w = f.shape[0] // 4
+    u, v = np.unravel_index(
+        np.argmax(signal.convolve2d(f, np.ones((w, w)), "valid")), (f.shape[0] - w + 1,) * 2
+    )
+    return u + w // 2, v + w // 2
+
+
+class MutualAttentionRegister(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+        self.edge_extract = GaussianEdgeExtractor()
+        self.conv1 = nn.Conv2d(3, 128, 3, padding=1)
+        self.conv2 = nn.Conv2d(9, 128, 3, padding=1)
+        self.relu = nn.Sequential(nn.BatchNorm2d(128), nn.ReLU6())
+
+    def forward(self, warm, feat1, feat2, cam1, cam2, x_gray, x_swe):
+        s, b = self.size, feat1.shape[0]
+        edge = F.interpolate(
+            self.edge_extract(x_gray), (s, s), mode="bilinear", align_corners=False
+        )
+        feat1_edge = F.relu6(self.conv1(edge))
+        colour = F.interpolate(
+            local_color_moments(x_swe), (s, s), mode="bilinear", align_corners=False
+        )
+        feat2_color = self.conv2(colour)
+        c1 = F.interpolate(cam1[:, None], (s, s), mode="bilinear", align_corners=False)[:, 0]
+        c2 = F.interpolate(cam2[:, None], (s, s), mode="bilinear", align_corners=False)[:, 0]
+        mask1, mask2 = torch.zeros_like(feat1), torch.zeros_like(feat2)
+        idx1, idx2 = torch.zeros(b, 2), torch.zeros(b, 2)
+        half = (s // 4) // 2
+        if warm:
+            for i in range(b):
+                x1, y1 = bmode_centre(c1[i].detach().numpy().astype(np.float64))
+                x2, y2 = swe_centre(c2[i].detach().numpy().astype(np.float64))
+                idx1[i] = torch.tensor([x1, y1], dtype=torch.float32)
+                idx2[i] = torch.tensor([x2, y2], dtype=torch.float32)
+                mask1[
+                    i,
+                    :,
+                    max(0, x1 - half) : min(s, x1 + half),
+                    max(0, y1 - half) : min(s, y1 + half),
+                ] = 1
+                mask2[
+                    i,
+                    :,
+                    max(0, x2 - half) : min(s, x2 + half),
+                    max(0, y2 - half) : min(s, y2 + half),
+                ] = 1
+        move2, move1 = (idx2 - idx1) / (s // 2), (idx1 - idx2) / (s // 2)
+        eye = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).expand(b, 2, 2)
+        theta2 = torch.cat([eye, move2[:, :, None]], 2)  # row difference on x: the B3 swap
+        theta1 = torch.cat([eye, move1[:, :, None]], 2)
+        grid2 = F.affine_grid(theta2, (b, 1, s, s), align_corners=False)
+        grid1 = F.affine_grid(theta1, (b, 1, s, s), align_corners=False)
+        feat2_move = F.grid_sample(feat2_color * mask2, grid2, align_corners=False)
+        feat1_edge_move = F.grid_sample(feat1_edge * mask1, grid1, align_corners=False)
+        n = s * s
+        f1, f2 = feat1.view(b, 128, n), feat2.view(b, 128, n)
+        f2_attn = torch.softmax(torch.bmm(feat2_move.view(b, 128, n), f1.transpose(1, 2)), -1)
+        g2 = torch.bmm(f2_attn, f1).view(b, 128, s, s)
+        f1_attn = torch.softmax(torch.bmm(feat1_edge_move.view(b, 128, n), f2.transpose(1, 2)), -1)
+        e2 = torch.bmm(f1_attn, f2).view(b, 128, s, s)
+        g2, e2 = self.relu(g2), self.relu(e2)
+        extras = {"idx1": idx1, "idx2": idx2, "g2": g2, "e2": e2}
+        return ((g2, e2) if warm else (feat1, feat2)), extras
+
+
+class OursNet(nn.Module):
+    def __init__(self, size=256):
+        super().__init__()
+        fires = [
+            (96, 128, 16),
+            (128, 128, 16),
+            (128, 256, 32),
+            (256, 256, 32),
+            (256, 384, 48),
+            (384, 384, 48),
+            (384, 512, 64),
+            (512, 512, 64),
+        ]
+        for sfx in ("1", "2"):
+            setattr(
+                self,
+                f"stem_{sfx}",
+                nn.Sequential(
+                    nn.Conv2d(3, 96, 3, padding=1),
+                    nn.BatchNorm2d(96),
+                    nn.ReLU(),
+                    nn.MaxPool2d(2, 2),
+                ),
+            )
+            for i, (cin, cout, sq) in enumerate(fires, start=2):
+                setattr(self, f"fire{i}_{sfx}", Fire(cin, cout, sq))
+        self.muatt_1 = MutualAttentionRegister(size // 2)
+        self.conv10 = nn.Conv2d(1024, 2, 1)
+        self.acts = {}
+
+    def stream(self, sfx, x, fused, f2):
+        g = lambda i: getattr(self, f"fire{i}_{sfx}")
+        f3 = g(3)(fused) + f2
+        f4 = F.max_pool2d(g(4)(f3), 2)
+        f5 = g(5)(f4) + f4
+        f6 = g(6)(f5)
+        f7 = g(7)(f6) + f6
+        f8 = F.max_pool2d(g(8)(f7), 2)
+        return g(9)(f8)
+
+    def forward(self, warm, x1, x2, cam1, cam2):
+        f2_1 = self.fire2_1(self.stem_1(x1))
+        f2_2 = self.fire2_2(self.stem_2(x2))
+        (g2, e2), extras = self.muatt_1(warm, f2_1, f2_2, cam1, cam2, x1, x2)
+        f9_1 = self.stream("1", x1, g2, f2_1)
+        f9_2 = self.stream("2", x2, e2, f2_2)
+        self.acts = {"fire9_1": f9_1, "fire9_2": f9_2}
+        for a in self.acts.values():
+            if a.requires_grad:
+                a.retain_grad()
+        out = self.conv10(torch.cat([f9_1, f9_2], 1)).mean((2, 3))
+        return torch.softmax(out, 1), extras
+
+
+def xgradcam(model, probs):
+    """torchcam 0.3.2's XGradCAM of the predicted class's probability, min-max normalised."""
+    model.zero_grad()
+    c = probs.argmax(1)
+    probs.gather(1, c[:, None]).sum().backward()
+    cams = []
+    for name in ("fire9_1", "fire9_2"):
+        a = model.acts[name]
+        w = (a.grad * a).sum((2, 3)) / a.sum((2, 3))
+        cam = torch.relu(torch.nansum(w[:, :, None, None] * a, 1)).detach()
+        cam = cam - cam.flatten(1).min(1).values[:, None, None]
+        cams.append(cam / cam.flatten(1).max(1).values[:, None, None])
+    return cams
+
+
+def given_cams(batch: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, h, h) CAMs in [0, 1]: a one-cell spike (a local B-mode centre), smooth blobs at other
+    places, and NaN maps (the original's 0/0 normalisation of a constant CAM)."""
+    yy, xx = np.mgrid[:h, :h]
+    cam_b = np.zeros((batch, h, h), np.float32)
+    cam_s = np.zeros((batch, h, h), np.float32)
+    for i in range(batch):
+        kind = i % 3
+        if kind == 0:
+            cam_b[i, h // 4, (3 * h) // 4] = 1.0
+            cam_s[i] = np.exp(-((yy - 0.8 * h) ** 2 + (xx - 0.2 * h) ** 2) / (0.02 * h * h))
+        elif kind == 1:
+            cam_b[i] = np.exp(-((yy - 0.3 * h) ** 2 + (xx - 0.6 * h) ** 2) / (0.05 * h * h))
+            cam_s[i] = np.exp(-((yy - 0.5 * h) ** 2 + (xx - 0.75 * h) ** 2) / (0.03 * h * h))
+        else:
+            cam_b[i] = np.nan
+            cam_s[i] = np.nan
+    norm = lambda c: (c - c.min((1, 2), keepdims=True)) / c.max((1, 2), keepdims=True)
+    return norm(cam_b).astype(np.float32), norm(cam_s).astype(np.float32)
+
+
+def randomise(model: nn.Module, seed: int):
+    """PyTorch init plus random BatchNorm statistics and affines, so eval-mode BN matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.weight.copy_(0.8 + 0.4 * torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+
+
+def run(args) -> tuple[dict, str]:
+    """({check: (value, tolerance)}, a line describing the centres)."""
+    torch.manual_seed(args.seed)
+    model = OursNet(args.size)
+    randomise(model, args.seed)
+    model.eval()
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x1 = torch.rand(args.batch, 3, args.size, args.size, generator=g) * 2 - 1
+    x2 = torch.rand(args.batch, 3, args.size, args.size, generator=g) * 2 - 1
+    h = args.size // 8
+    probs1, _ = model(0, x1, x2, torch.ones(args.batch, h, h), torch.ones(args.batch, h, h))
+    cam1, cam2 = xgradcam(model, probs1)
+    with torch.no_grad():
+        probs, extras = model(1, x1, x2, cam1, cam2)
+
+    from famf_jax import convert, inference
+
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    variables = convert.from_torch(sd)
+    to_nhwc = lambda t: np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
+    out = inference.predict(variables, to_nhwc(x1), to_nhwc(x2), faithful=True)
+
+    def rel(a, b):
+        return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+
+    # Second run with given CAMs, so that RAA sees local peaks, unequal row and column shifts
+    # (B3) and the original's NaN CAM (B20), which random weights do not produce.
+    cam_b, cam_s = given_cams(args.batch, h)
+    with torch.no_grad():
+        probs_g, extras_g = model(1, x1, x2, torch.tensor(cam_b), torch.tensor(cam_s))
+    import jax.numpy as jnp
+
+    from famf_jax.model import FAMFNet
+
+    clean = lambda c: np.nan_to_num(c, nan=0.0)  # our normalisation gives 0 where torch gives NaN
+    out_g = FAMFNet(faithful=True).apply(
+        variables,
+        jnp.asarray(to_nhwc(x1)),
+        jnp.asarray(to_nhwc(x2)),
+        jnp.asarray(clean(cam_b)),
+        jnp.asarray(clean(cam_s)),
+        warm=True,
+    )
+
+    checks = {
+        "probs max abs": (float(np.abs(out["probs"] - probs.numpy()).max()), 1e-4),
+        "cam_bmode max abs": (float(np.abs(out["cam_bmode"] - cam1.numpy()).max()), 1e-4),
+        "cam_swe max abs": (float(np.abs(out["cam_swe"] - cam2.numpy()).max()), 1e-4),
+        "centre_bmode mismatches": (int((out["centre_bmode"] != extras["idx1"].numpy()).sum()), 0),
+        "centre_swe mismatches": (int((out["centre_swe"] != extras["idx2"].numpy()).sum()), 0),
+        "fused_bmode max rel": (rel(out["fused_bmode"], to_nhwc(extras["g2"])), 1e-3),
+        "fused_swe max rel": (rel(out["fused_swe"], to_nhwc(extras["e2"])), 1e-3),
+        "given CAMs: probs": (
+            float(np.abs(np.asarray(out_g["probs"]) - probs_g.numpy()).max()),
+            1e-4,
+        ),
+        "given CAMs: B-mode centres": (
+            int((np.asarray(out_g["centre_bmode"]) != extras_g["idx1"].numpy()).sum()),
+            0,
+        ),
+        "given CAMs: SWE centres": (
+            int((np.asarray(out_g["centre_swe"]) != extras_g["idx2"].numpy()).sum()),
+            0,
+        ),
+        "given CAMs: fused_bmode": (
+            rel(np.asarray(out_g["fused_bmode"]), to_nhwc(extras_g["g2"])),
+            1e-3,
+        ),
+        "given CAMs: fused_swe": (
+            rel(np.asarray(out_g["fused_swe"]), to_nhwc(extras_g["e2"])),
+            1e-3,
+        ),
+    }
+    line = (
+        f"{args.size}x{args.size}, batch {args.batch}; centres B-mode "
+        f"{out['centre_bmode'].tolist()}, SWE {out['centre_swe'].tolist()}; given CAMs: "
+        f"B-mode {np.asarray(out_g['centre_bmode']).tolist()}, "
+        f"SWE {np.asarray(out_g['centre_swe']).tolist()}"
+    )
+    return checks, line
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    checks, line = run(args)
+    print(line)
+    ok = True
+    for name, (value, tol) in checks.items():
+        passed = value <= tol
+        ok &= passed
+        print(f"{name:26s} {value:.3g}  (tolerance {tol:g})  {'ok' if passed else 'FAILED'}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
