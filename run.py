@@ -81,7 +81,11 @@ def _dmaf(cfg, mode: str, workdir: pathlib.Path) -> None:
             print(f"  failed {case}: {reason}")
     print(f"split ({s['split_source']}): {s['split_sizes']}")
     print(f"masks ({s['mask_source']}): available per modality {s['availability']}")
-    ds = data.train_dataset(prep.spec, prep.cases("train"), dataset.augment_config(cfg), cfg.seed)
+    train_cases = prep.cases("train")
+    if len(train_cases) < cfg.data.batch_size:
+        print(f"no training batch to preview: {len(train_cases)} training cases")
+        return
+    ds = data.train_dataset(prep.spec, train_cases, dataset.augment_config(cfg), cfg.seed)
     batches = iterate(ds, cfg.data.workers, cfg.data.batch_size, threads=cfg.data.threads)
     batch = next(iter(batches))
     png = viz.segmentation_batch(

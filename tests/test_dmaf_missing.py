@@ -94,3 +94,12 @@ def test_bad_csv_rows(tmp_path):
     p.write_text('data_name,mask_id,mask,pos_mask_ids\na,2,"[True, False, False, False]",[3]\n')
     with pytest.raises(ValueError, match="mask_id 2"):
         missing.read_csv(BRATS, p)
+
+
+@pytest.mark.parametrize("code", ["357", "375", "537", "573", "735", "753"])
+def test_myops_rule_digit_order(code):
+    names = splits.read_lists(DATA / "myops2020")["train"]
+    generated = missing.generate_masks(MYOPS, names, missing.missing_rates(MYOPS, code))
+    shipped = missing.read_csv(MYOPS, DATA / "myops2020" / f"MyoPS2020_longtail_split_{code}.csv")
+    got, want = missing.availability(MYOPS, generated), missing.availability(MYOPS, shipped)
+    assert all(abs(got[m] - want[m]) <= 5 for m in want), (got, want)
