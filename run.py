@@ -65,40 +65,9 @@ class _QuietLibraries(pylogging.Filter):
 def _dmaf(cfg, mode: str, workdir: pathlib.Path) -> None:
     if mode != "preprocess":
         raise ValueError(f"DMAF-Net supports --mode=preprocess so far, not {mode!r}")
-    from common import viz
-    from common.loader import iterate
-    from dmaf_jax import data, dataset
+    from dmaf_jax import dataset
 
-    prep = dataset.prepare(cfg, workdir)
-    s = prep.summary
-    print(f"preprocessed data: {prep.root}")
-    if "processed" in s:
-        print(
-            f"cases: {s['processed']} ready ({s['skipped']} already done), "
-            f"{len(s['failed'])} failed"
-        )
-        for case, reason in s["failed"].items():
-            print(f"  failed {case}: {reason}")
-    print(f"split ({s['split_source']}): {s['split_sizes']}")
-    print(f"masks ({s['mask_source']}): available per modality {s['availability']}")
-    train_cases = prep.cases("train")
-    if len(train_cases) < cfg.data.batch_size:
-        print(f"no training batch to preview: {len(train_cases)} training cases")
-        return
-    ds = data.train_dataset(prep.spec, train_cases, dataset.augment_config(cfg), cfg.seed)
-    batches = iterate(ds, cfg.data.workers, cfg.data.batch_size, threads=cfg.data.threads)
-    batch = next(iter(batches))
-    png = viz.segmentation_batch(
-        batch["image"],
-        batch["label"],
-        batch["mask"],
-        prep.spec.modalities,
-        workdir / "batch_preview.png",
-    )
-    print(
-        f"first training batch: image {batch['image'].shape}, label {batch['label'].shape}, "
-        f"masks {batch['mask'].astype(int).tolist()} -> {png}"
-    )
+    dataset.preprocess_command(cfg, workdir)
 
 
 def main(argv):

@@ -21,8 +21,10 @@ import pathlib
 import numpy as np
 from absl import logging
 
+from common import viz
+from common.loader import iterate
 from common.logging import progress
-from dmaf_jax import missing, preprocess, splits, synthetic
+from dmaf_jax import data, missing, preprocess, splits, synthetic
 from dmaf_jax.data import AugmentConfig, Case
 from dmaf_jax.modalities import SPECS, DatasetSpec
 
@@ -166,3 +168,39 @@ def prepare(cfg, workdir: str | pathlib.Path) -> Prepared:
     )
     (workdir / "data_summary.json").write_text(json.dumps(summary, indent=1))
     return Prepared(spec, root, split, masks, summary)
+
+
+def preprocess_command(cfg, workdir: str | pathlib.Path) -> None:
+    """`run.py --mode=preprocess`: prepare the data, print what was decided, and draw the
+    first training batch into `<workdir>/batch_preview.png`."""
+    workdir = pathlib.Path(workdir)
+    prep = prepare(cfg, workdir)
+    s = prep.summary
+    print(f"preprocessed data: {prep.root}")
+    if "processed" in s:
+        print(
+            f"cases: {s['processed']} ready ({s['skipped']} already done), "
+            f"{len(s['failed'])} failed"
+        )
+        for case, reason in s["failed"].items():
+            print(f"  failed {case}: {reason}")
+    print(f"split ({s['split_source']}): {s['split_sizes']}")
+    print(f"masks ({s['mask_source']}): available per modality {s['availability']}")
+    train_cases = prep.cases("train")
+    if not train_cases:  # epochs repeat, so one case fills any batch
+        print("no training case: no batch to preview")
+        return
+    ds = data.train_dataset(prep.spec, train_cases, augment_config(cfg), cfg.seed)
+    batches = iterate(ds, cfg.data.workers, cfg.data.batch_size, threads=cfg.data.threads)
+    batch = next(iter(batches))
+    png = viz.segmentation_batch(
+        batch["image"],
+        batch["label"],
+        batch["mask"],
+        prep.spec.modalities,
+        workdir / "batch_preview.png",
+    )
+    print(
+        f"first training batch: image {batch['image'].shape}, label {batch['label'].shape}, "
+        f"masks {batch['mask'].astype(int).tolist()} -> {png}"
+    )
