@@ -123,7 +123,25 @@ def _masks(cfg, spec: DatasetSpec, train: list[str], workdir: pathlib.Path):
     return {n: masks[n] for n in train}, source
 
 
+def validate_config(cfg) -> None:
+    """Fail at once, with one line, on a value the run would only trip over later."""
+    if cfg.dataset not in SPECS:
+        raise ValueError(f"dataset must be one of {', '.join(SPECS)}, not {cfg.dataset!r}")
+    if cfg.data.mask_mode not in missing.TRAINING_MODES:
+        raise ValueError(
+            f"data.mask_mode must be one of {', '.join(missing.TRAINING_MODES)}, "
+            f"not {cfg.data.mask_mode!r}"
+        )
+    if len(cfg.data.crop) != 3 or min(cfg.data.crop) < 1:
+        raise ValueError(f"data.crop must be three positive sizes, not {cfg.data.crop}")
+    if not cfg.data.missing_csv:
+        missing.missing_rates(SPECS[cfg.dataset], cfg.data.missing_rate)  # raises if malformed
+    if cfg.data.batch_size < 1:
+        raise ValueError(f"data.batch_size must be at least 1, not {cfg.data.batch_size}")
+
+
 def prepare(cfg, workdir: str | pathlib.Path) -> Prepared:
+    validate_config(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = SPECS[cfg.dataset]

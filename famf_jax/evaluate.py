@@ -28,6 +28,7 @@ from famf_jax.train import (
     resolve_data,
     restore_for_eval,
     split_metrics,
+    validate_config,
 )
 
 REPORT_KEYS = metrics_lib.CLASSIFICATION_KEYS
@@ -79,6 +80,7 @@ def _rdo_plot(workdir: pathlib.Path, fold: int, path: pathlib.Path) -> pathlib.P
 
 
 def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
+    validate_config(cfg)
     workdir = pathlib.Path(workdir)
     data = resolve_data(cfg, workdir)
     fused = cfg.model.fusion and len(modalities(cfg)) == 2
@@ -231,6 +233,7 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
 def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
     """Per-patient P(malignant) for `predict.input` (a layout root or a manifest), per fold
     and averaged, as CSV."""
+    validate_config(cfg)
     workdir = pathlib.Path(workdir)
     src = cfg.predict.input
     if not src:

@@ -52,6 +52,31 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+def validate_config(cfg) -> None:
+    """Fail at once, with one line, on a value the run would only trip over later."""
+    choices = {
+        "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw")),
+        "train.loss": (cfg.train.loss, ("focal", "ce")),
+        "model.modalities": (cfg.model.modalities, ("both", "bmode", "swe")),
+        "eval.criterion": (cfg.eval.criterion, BEST_CRITERIA),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.data.image_size <= 0 or cfg.data.image_size % 8:
+        raise ValueError(
+            f"data.image_size must be a positive multiple of 8, not {cfg.data.image_size}"
+        )
+    for name in ("data.center_crop", "data.crop"):
+        v = cfg.data[name.split(".")[1]]
+        if not 0 < v <= 1:
+            raise ValueError(f"{name} is a fraction in (0, 1], not {v}")
+    for name in ("train.batch_size", "train.epochs", "data.folds", "eval.batch_size"):
+        section, key = name.split(".")
+        if cfg[section][key] < 1:
+            raise ValueError(f"{name} must be at least 1, not {cfg[section][key]}")
+
+
 def modalities(cfg) -> tuple[str, ...]:
     m = cfg.model.modalities
     if m not in ("both", "bmode", "swe"):
@@ -381,6 +406,7 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
 
 
 def train(cfg, workdir: str | pathlib.Path) -> list[FoldResult]:
+    validate_config(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))

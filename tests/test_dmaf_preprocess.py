@@ -159,3 +159,18 @@ def test_myops_slices(tmp_path):
 )
 def test_prefix_rule(n, prefix):
     assert preprocess.brats_prefix(f"BraTS20_Training_{n:03d}") == prefix
+
+
+def test_invalid_config_fails_before_any_work(tmp_path):
+    from configs import dmaf_brats2020
+    from dmaf_jax import dataset
+
+    cfg = dmaf_brats2020.get_config("smoke")
+    cfg.data.mask_mode = "drop"
+    with pytest.raises(ValueError, match="data.mask_mode must be one of fixed, sub, random"):
+        dataset.prepare(cfg, tmp_path)
+    cfg = dmaf_brats2020.get_config("smoke")
+    cfg.data.missing_rate = "mr24"
+    with pytest.raises(ValueError, match="4 digits"):
+        dataset.prepare(cfg, tmp_path)
+    assert not (tmp_path / "raw").exists()

@@ -71,6 +71,19 @@ def test_run_py_rejects_bad_input(tmp_path):
         f"--config.data.manifest={tmp_path / 'none.csv'}",
     )
     assert r.returncode != 0 and "none.csv does not exist" in r.stderr.strip().splitlines()[-1]
+    r = run_py(
+        "--config",
+        "configs/famf.py:smoke",
+        f"--workdir={tmp_path}",
+        "--mode=train",
+        "--config.train.optimizer=lbfgs",
+    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert (
+        r.returncode != 0
+        and last == "error: train.optimizer must be one of sgd, adamw, not 'lbfgs'"
+    )
+    assert not (tmp_path / "data").exists()  # failed before generating any data
 
 
 def final_params(workdir):
