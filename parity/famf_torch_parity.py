@@ -27,8 +27,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from scipy import ndimage, signal  # noqa: E402
 from torch import nn  # noqa: E402
+
+from parity.raa_reference import bmode_centre, swe_centre  # noqa: E402
 
 
 class Fire(nn.Module):
@@ -69,26 +70,6 @@ def local_color_moments(x, window=5):
     var = p.var(2)  # unbiased, as torch.var's default
     skew = ((p - mean[:, :, None]) ** 3).mean(2) / (torch.sqrt(var) ** 3 + 1e-6)
     return torch.cat([mean, var, skew], 1).view(b, 3 * c, h, w)
-
-
-def bmode_centre(f):
-    """The original's numpy/scipy rule on one upsampled CAM (NaN-tolerant like numpy)."""
-    xm, ym = np.unravel_index(np.argmax(f), f.shape)
-    gmag = np.hypot(np.gradient(f, axis=0), np.gradient(f, axis=1))
-    labels, _ = ndimage.label(gmag < 0.2)
-    lab = labels[xm, ym]
-    if lab == 0:
-        return xm, ym
-    rows, cols = ndimage.find_objects(labels)[lab - 1]
-    return (rows.start + rows.stop) // 2, (cols.start + cols.stop) // 2
-
-
-def swe_centre(f):
-    w = f.shape[0] // 4
-    u, v = np.unravel_index(
-        np.argmax(signal.convolve2d(f, np.ones((w, w)), "valid")), (f.shape[0] - w + 1,) * 2
-    )
-    return u + w // 2, v + w // 2
 
 
 class MutualAttentionRegister(nn.Module):

@@ -4,28 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import ndimage, signal
 
 from famf_jax import raa
-
-
-def reference_bmode_centre(f, threshold_rule):
-    xm, ym = np.unravel_index(np.argmax(f), f.shape)
-    gmag = np.hypot(np.gradient(f, axis=0), np.gradient(f, axis=1))
-    mask = threshold_rule(gmag)
-    labels, _ = ndimage.label(mask)
-    lab = labels[xm, ym]
-    if lab == 0:
-        return xm, ym
-    rows, cols = ndimage.find_objects(labels)[lab - 1]
-    return (rows.start + rows.stop) // 2, (cols.start + cols.stop) // 2
-
-
-def reference_swe_centre(f):
-    w = f.shape[0] // 4
-    s = signal.convolve2d(f, np.ones((w, w)), "valid")
-    u, v = np.unravel_index(np.argmax(s), s.shape)
-    return u + w // 2, v + w // 2
+from parity.raa_reference import bmode_centre as reference_bmode_centre
+from parity.raa_reference import swe_centre as reference_swe_centre
 
 
 def blob_cams(rng, n, size):
