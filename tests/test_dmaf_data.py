@@ -120,3 +120,19 @@ def test_splits():
     subjects = {k: {splits.subject_of(n) for n in v} for k, v in s.items()}
     assert not (subjects["train"] & subjects["test"]) and not (subjects["val"] & subjects["test"])
     assert sorted(sum(s.values(), [])) == sorted(names)
+
+
+def test_myops_prepare_end_to_end(tmp_path):
+    from configs import dmaf_myops2020
+    from dmaf_jax import dataset
+
+    cfg = dmaf_myops2020.get_config("smoke")
+    prep = dataset.prepare(cfg, tmp_path)
+    assert prep.summary["processed"] == 12 and not prep.summary["failed"]
+    train = prep.cases("train")
+    test_subjects = {splits.subject_of(c.name) for c in prep.cases("test")}
+    assert test_subjects and not test_subjects & {splits.subject_of(c.name) for c in train}
+    ds = data.train_dataset(prep.spec, train, dataset.augment_config(cfg), cfg.seed)
+    b = next(iter(iterate(ds, batch_size=2)))
+    assert b["image"].shape == (2, 32, 32, 1, 3) and b["label"].shape == (2, 32, 32, 1)
+    assert b["label"].max() <= 5
