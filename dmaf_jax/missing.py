@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dmaf_jax.modalities import BRATS, DatasetSpec
+from dmaf_jax.modalities import DatasetSpec
 
 # Order of the digits in a rate name, per dataset (the generator scripts' orders).
 RATE_DIGIT_ORDER = {"brats2020": ("t1", "t1ce", "flair", "t2"), "myops2020": ("bssfp", "lge", "t2")}
@@ -139,7 +139,3 @@ def training_mask(spec: DatasetSpec, mode: str, case_mask: np.ndarray, rng: np.r
     if mode == "random":
         return combos[int(rng.integers(len(combos)))]
     raise ValueError(f"missing-modality mode must be one of {TRAINING_MODES}, not {mode!r}")
-
-
-def default_spec() -> DatasetSpec:
-    return BRATS

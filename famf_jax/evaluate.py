@@ -25,6 +25,7 @@ from famf_jax.train import (
     fold_dir,
     image_config,
     modalities,
+    predict_records,
     resolve_data,
     restore_for_eval,
     split_metrics,
@@ -250,8 +251,6 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
     if n_folds == 0:
         raise FileNotFoundError(f"no trained folds in {workdir}")
     fused = cfg.model.fusion and len(modalities(cfg)) == 2
-    from famf_jax.train import predict_records
-
     per_fold = []
     for k in range(n_folds):
         variables, meta = restore_for_eval(cfg, workdir, k)
