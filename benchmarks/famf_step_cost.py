@@ -6,7 +6,8 @@ of the focal loss), train-mode BatchNorm:
 - full:     CAM pass (warm off), closed-form CAMs, RAA + MAF warm pass reusing stem + fire2;
 - autodiff: like full, but the CAMs come from a backward pass through the whole network, as
             the original does with torchcam (RAA still in-jit here, so this flatters it).
-Prints XLA's FLOP count per step and the median wall time over repetitions after a warm-up.
+Prints XLA's FLOP count and temporary memory per step (cost and memory analysis of the compiled
+step) and the median wall time over repetitions after a warm-up.
 
     python benchmarks/famf_step_cost.py [--size 256] [--batch 4] [--reps 5]
 """
@@ -106,23 +107,25 @@ def main():
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         flops = float(cost.get("flops", float("nan")))
+        mem = compiled.memory_analysis()
+        temp_gb = getattr(mem, "temp_size_in_bytes", float("nan")) / 2**30
         jax.block_until_ready(compiled(*inputs))  # warm-up
         times = []
         for _ in range(args.reps):
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(*inputs))
             times.append(time.perf_counter() - t0)
-        results[name] = (flops, statistics.median(times))
+        results[name] = (flops, statistics.median(times), temp_gb)
         print(
-            f"{name:9s} {flops / 1e9:8.1f} GFLOP/step  median {results[name][1]:.3f} s "
-            f"over {args.reps}",
+            f"{name:9s} {flops / 1e9:8.1f} GFLOP/step  {temp_gb:5.2f} GiB temporaries  "
+            f"median {results[name][1]:.3f} s over {args.reps}",
             flush=True,
         )
-    pf, pt = results["plain"]
+    pf, pt, pm = results["plain"]
     print(f"\n{args.size}x{args.size}, batch {args.batch}, {jax.devices()[0].platform}:")
     for name in ("full", "autodiff"):
-        f, t = results[name]
-        print(f"{name:9s} / plain: time {t / pt:.2f}x   FLOPs {f / pf:.2f}x")
+        f, t, m = results[name]
+        print(f"{name:9s} / plain: time {t / pt:.2f}x   FLOPs {f / pf:.2f}x   memory {m / pm:.2f}x")
 
 
 if __name__ == "__main__":
