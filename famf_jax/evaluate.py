@@ -24,11 +24,11 @@ from famf_jax import dataset, inference, pipeline
 from famf_jax.train import (
     fold_dir,
     image_config,
-    modalities,
     predict_records,
     resolve_data,
     restore_for_eval,
     split_metrics,
+    uses_fusion,
     validate_config,
 )
 
@@ -84,7 +84,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     validate_config(cfg)
     workdir = pathlib.Path(workdir)
     data = resolve_data(cfg, workdir)
-    fused = cfg.model.fusion and len(modalities(cfg)) == 2
+    fused = uses_fusion(cfg)
     folds, curves = [], []
     first_vars = None
     for k in range(len(data.folds)):
@@ -94,11 +94,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         test_records = data.split(k, "test")
         test, p = split_metrics(cfg, variables, test_records, warm, f"fold {k} test")
         y = np.array([r.label for r in test_records])
-        test.update(metrics_lib.clinical_report(y, p, seed=cfg.seed))
-        for name, fn in (("roc_auc_ci", metrics_lib.roc_auc), ("f1_ci", metrics_lib.f1_at_half)):
-            test[name] = metrics_lib.bootstrap_ci(
-                y, p, fn, n_resamples=cfg.eval.bootstrap, seed=cfg.seed
-            )
+        test.update(metrics_lib.clinical_extras(y, p, cfg.eval.bootstrap, seed=cfg.seed))
         folds.append(
             {
                 "fold": k,
@@ -250,7 +246,7 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
     n_folds = len(sorted(workdir.glob("fold_*/checkpoints")))
     if n_folds == 0:
         raise FileNotFoundError(f"no trained folds in {workdir}")
-    fused = cfg.model.fusion and len(modalities(cfg)) == 2
+    fused = uses_fusion(cfg)
     per_fold = []
     for k in range(n_folds):
         variables, meta = restore_for_eval(cfg, workdir, k)

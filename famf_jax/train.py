@@ -38,6 +38,7 @@ from famf_jax.losses import cross_entropy, focal_loss
 from famf_jax.model import FAMFNet, init_variables
 
 BEST_CRITERIA = ("f1_acc", "f1", "accuracy")
+STREAMS = {"both": ("bmode", "swe"), "bmode": ("bmode",), "swe": ("swe",)}
 
 
 @flax.struct.dataclass
@@ -57,7 +58,7 @@ def validate_config(cfg) -> None:
     choices = {
         "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw")),
         "train.loss": (cfg.train.loss, ("focal", "ce")),
-        "model.modalities": (cfg.model.modalities, ("both", "bmode", "swe")),
+        "model.modalities": (cfg.model.modalities, tuple(STREAMS)),
         "eval.criterion": (cfg.eval.criterion, BEST_CRITERIA),
     }
     for name, (value, allowed) in choices.items():
@@ -78,10 +79,13 @@ def validate_config(cfg) -> None:
 
 
 def modalities(cfg) -> tuple[str, ...]:
-    m = cfg.model.modalities
-    if m not in ("both", "bmode", "swe"):
-        raise ValueError(f"model.modalities must be both, bmode or swe, not {m!r}")
-    return ("bmode", "swe") if m == "both" else (m,)
+    """The streams of `model.modalities` (validated by `validate_config`)."""
+    return STREAMS[cfg.model.modalities]
+
+
+def uses_fusion(cfg) -> bool:
+    """RAA + MAF switch on after the warm-up: fusion enabled and both streams present."""
+    return bool(cfg.model.fusion) and len(modalities(cfg)) == 2
 
 
 def build_model(cfg) -> FAMFNet:
@@ -359,7 +363,7 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
     step_fn = jit_train_step(cfg, tx)
     log = _TrainLog(MetricWriter(fold_dir(workdir, fold)), spe)
     bar = progress(total=total_steps, initial=int(state.step), desc=f"fold {fold} train")
-    fused = cfg.model.fusion and len(modalities(cfg)) == 2
+    fused = uses_fusion(cfg)
     for step in range(int(state.step), total_steps):
         epoch, in_epoch = divmod(step, spe)
         last_of_epoch = in_epoch == spe - 1
