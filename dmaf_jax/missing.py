@@ -4,33 +4,45 @@ CSV format (the original code base's): header `data_name,mask_id,mask,pos_mask_i
 case, `mask` the presence vector in channel order, `mask_id` its combination id, `pos_mask_ids`
 the ids of its non-empty sub-combinations.
 
-Generation rule ("mr2468" = missing rates 0.2/0.4/0.6/0.8 for T1/T1ce/FLAIR/T2, the digits in
-the original script's modality order): for the sorted names, each of the combinations in id
-order gets `max(1, int(N * P(pattern)))` rows with P the product of presence/absence
-probabilities; the remaining rows draw each modality present with probability 1 - p until at
-least one is; the rows are then shuffled jointly. The deterministic part is exact; the rest
-depends on the random stream. Ours is Python's `random` seeded 1037 (one of the three streams
-the original seeds with 1037), drawing each row's modalities in the script's digit order: for
-mr2468 this gives availability FLAIR 91, T1ce 135, T1 184, T2 46 against the shipped CSV's
-90/135/184/43 (numpy's generators with the same seed give T2 49). It is not the original's
-stream: the shipped CSVs are read as they are, never regenerated.
+Generation rule (`generate_masks`, spec 1.3, exact): "mr2468" = missing rates 0.2/0.4/0.6/0.8 for
+T1/T1ce/FLAIR/T2, the digits in the original script's modality order. One numpy legacy stream
+seeded 1037: for the N sorted names, one `rand(N) > p` draw per modality (digit order, values
+overwritten); the presence patterns in the script's order (complete first) each fill the next
+`max(1, int(N * P(pattern)))` rows, the rest all-absent; one joint shuffle (the stream state
+reset before each modality's shuffle); then each still-empty row redraws `rand(1) > p` per
+modality until one is present. This reproduces all 8 shipped BraTS2020 CSVs row for row.
+
+MyoPS: one mask per subject (every shipped MyoPS CSV gives all slices of a subject the same
+mask), drawn by the same rule over the sorted subjects and expanded to their slices; the
+patterns are all presence vectors in digit order, complete first. The shipped MyoPS CSVs are six
+column permutations of one draw that this rule does not reproduce (its pattern order and stream
+are unknown), so they are read as they are and the rule serves new rates only.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
+import itertools
 import pathlib
-import random
 from collections.abc import Sequence
 
 import numpy as np
 
 from dmaf_jax.modalities import DatasetSpec
+from dmaf_jax.splits import subject_of
 
 # Order of the digits in a rate name, per dataset (the generator scripts' orders).
 RATE_DIGIT_ORDER = {"brats2020": ("t1", "t1ce", "flair", "t2"), "myops2020": ("bssfp", "lge", "t2")}
-SEED = 1037
+SEED = 1037  # the rule's own seed, not the config's
+
+
+def _patterns(digits: int) -> list[tuple[bool, ...]]:
+    """Presence patterns (digit order) in the order the rule fills rows."""
+    if digits == 4:  # the BraTS script's hand-written order (T = present), checked on its CSVs
+        order = "TTTT TTFT TTTF TTFF TFTT TFTF TFFT TFFF FTTT FTFT FTTF FTFF FFTT FFTF FFFT"
+        return [tuple(c == "T" for c in pat) for pat in order.split()]
+    return [p for p in itertools.product((True, False), repeat=digits) if any(p)]
 
 
 def missing_rates(spec: DatasetSpec, code: str) -> dict[str, float]:
@@ -45,36 +57,62 @@ def missing_rates(spec: DatasetSpec, code: str) -> dict[str, float]:
 
 
 def deterministic_counts(spec: DatasetSpec, n: int, rates: dict[str, float]) -> list[int]:
-    """Rows per combination id in the rule's deterministic part."""
-    p = np.array([rates[m] for m in spec.modalities])
-    counts = []
-    for mask in spec.combination_masks():
-        prob = float(np.prod(np.where(mask, 1 - p, p)))
-        counts.append(max(1, int(n * prob)))
+    """Rows per combination id that step 3 of the rule writes (before truncation at n)."""
+    order = RATE_DIGIT_ORDER[spec.name]
+    counts = [0] * len(spec.combinations)
+    for pattern in _patterns(len(order)):
+        present = dict(zip(order, pattern))
+        counts[spec.combination_id([present[m] for m in spec.modalities])] = _rows(
+            n, [rates[m] for m in order], pattern
+        )
     return counts
+
+
+def _rows(n: int, p: Sequence[float], pattern: Sequence[bool]) -> int:
+    prob = float(n)
+    for pk, present in zip(p, pattern):  # left to right, as the script multiplies
+        prob = prob * ((1 - pk) if present else pk)
+    return int(prob) or 1
+
+
+def rule_masks(n: int, p: Sequence[float], seed: int = SEED) -> np.ndarray:
+    """(n, len(p)) bool presence, columns in digit order: spec 1.3 steps 2-5 for n sorted rows."""
+    state = np.random.get_state()  # the rule uses the global legacy stream; leave it as found
+    try:
+        np.random.seed(seed)
+        cols = [np.random.rand(n) > pk for pk in p]  # only advances the stream
+        row = 0
+        for pattern in _patterns(len(p)):
+            k = _rows(n, p, pattern)
+            for col, present in zip(cols, pattern):
+                col[row : row + k] = present
+            row += k
+        for col in cols:
+            col[row:] = False
+        st = np.random.get_state()
+        for col in cols:  # one joint permutation
+            np.random.set_state(st)
+            np.random.shuffle(col)
+        for i in range(n):
+            while not any(col[i] for col in cols):
+                for col, pk in zip(cols, p):
+                    col[i] = np.random.rand(1)[0] > pk
+        return np.stack(cols, 1)
+    finally:
+        np.random.set_state(state)
 
 
 def generate_masks(
     spec: DatasetSpec, names: Sequence[str], rates: dict[str, float], seed: int = SEED
 ) -> dict[str, np.ndarray]:
-    """{name: presence mask} by the rule above."""
-    names = sorted(names)
-    n = len(names)
-    rng = random.Random(seed)
-    masks = np.zeros((n, len(spec.modalities)), bool)
-    row = 0
-    for mask, count in zip(spec.combination_masks(), deterministic_counts(spec, n, rates)):
-        take = min(count, n - row)
-        masks[row : row + take] = mask
-        row += take
-    digit_order = RATE_DIGIT_ORDER[spec.name]
-    for i in range(row, n):
-        while not masks[i].any():
-            present = {m: rng.random() > rates[m] for m in digit_order}
-            masks[i] = [present[m] for m in spec.modalities]
-    order = list(range(n))
-    rng.shuffle(order)
-    return dict(zip(names, masks[order]))
+    """{name: presence mask in channel order} by the rule above (per subject for MyoPS)."""
+    order = RATE_DIGIT_ORDER[spec.name]
+    per_subject = spec.name == "myops2020"
+    units = sorted({subject_of(n) for n in names} if per_subject else set(names))
+    drawn = rule_masks(len(units), [rates[m] for m in order], seed)
+    cols = [order.index(m) for m in spec.modalities]
+    by_unit = dict(zip(units, drawn[:, cols]))
+    return {n: by_unit[subject_of(n) if per_subject else n].copy() for n in sorted(names)}
 
 
 def write_csv(spec: DatasetSpec, masks: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
