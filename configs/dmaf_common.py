@@ -18,6 +18,7 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
         str
     )  # preprocessed vol/ seg/ meta/; default <workdir>/preprocessed
     d.splits = config_dict.placeholder(str)  # folder with train.txt (val.txt, test.txt)
+    d.require_paper_split = False  # training stops if the paper's split can't be used
     d.missing_csv = config_dict.placeholder(str)  # imbalanced missing-rate CSV to read
     d.missing_rate = ""  # rate code of the CSV to use or generate (e.g. mr2468)
     d.mask_mode = (
@@ -27,6 +28,7 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     d.crop = (80, 80, 80)  # training crop
     d.random_crop = True  # False: centred crop
     d.rotation = 10  # degrees, integer angles in [-r, r)
+    d.rotation_planes = ((0, 1), (1, 2), (0, 2))  # one drawn per sample; (H, W) = (0, 1)
     d.intensity = 0.1  # scale U(1-a, 1+a), shift U(-a, a)
     d.flip = True
     d.batch_size = 1

@@ -12,6 +12,7 @@ def get_config(variant: str = "paper"):
     c.data.missing_rate = "357"
     c.data.crop = (256, 256, 1)
     c.data.random_crop = False
+    c.data.rotation_planes = ((0, 1),)  # each slice in its own plane, as the original
     c.data.synthetic_shape = (160, 160, 5)
     if variant == "demo":
         c.data.synthetic_cases = 6

@@ -3,8 +3,9 @@
 Per sample, with the per-element generator Grain passes in (identical batches with 0 or N
 workers): the training mask (the case's fixed CSV mask, a random sub-mask of it, or a random
 combination), a crop read through a memory map (random corner; centred for MyoPS slices;
-zero-padded where the volume is smaller), a nearest-neighbour rotation in one of the planes
-(H, W), (W, D), (H, D) by an integer angle in [-r, r) with image fill -1 and label fill 0 (the
+zero-padded where the volume is smaller), a nearest-neighbour rotation in one plane drawn from
+`AugmentConfig.rotation_planes` (BraTS: (H, W), (W, D), (H, D); MyoPS: (H, W), each slice in its
+own plane) by an integer angle in [-r, r) with image fill -1 and label fill 0 (the
 original's scipy call, done as one gather whose index grid all channels share), the intensity
 change x * s + t with s ~ U(0.9, 1.1), t ~ U(-0.1, 0.1) drawn per channel and per index along
 the first axis (the original's quirk, kept; drawn after the flips here, the same in
@@ -40,6 +41,7 @@ class AugmentConfig:
     crop: tuple[int, int, int] = (80, 80, 80)
     random_crop: bool = True  # False: centred crop (MyoPS)
     rotation: int = 10  # degrees; 0 disables
+    rotation_planes: tuple[tuple[int, int], ...] = ROTATION_PLANES  # one drawn per sample
     intensity: float = 0.1  # scale in [1 - a, 1 + a], shift in [-a, a]; 0 disables
     flip: bool = True
     image_fill: float = -1.0  # rotation fill of the images (labels: 0)
@@ -121,7 +123,8 @@ class TrainTransform(grain.transforms.RandomMap):
         image = read_crop(case.vol, origin, cfg.crop).astype(np.float32, copy=False)
         label = read_crop(case.seg, origin, cfg.crop)
         if cfg.rotation:
-            plane = ROTATION_PLANES[int(rng.integers(len(ROTATION_PLANES)))]
+            planes = cfg.rotation_planes
+            plane = tuple(planes[int(rng.integers(len(planes)))])
             angle = int(rng.integers(-cfg.rotation, cfg.rotation))
             if angle and min(cfg.crop[plane[0]], cfg.crop[plane[1]]) > 1:
                 image = rotate(image, angle, plane, cfg.image_fill)

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import numpy as np
@@ -136,3 +137,137 @@ def test_myops_prepare_end_to_end(tmp_path):
     b = next(iter(iterate(ds, batch_size=2)))
     assert b["image"].shape == (2, 32, 32, 1, 3) and b["label"].shape == (2, 32, 32, 1)
     assert b["label"].max() <= 5
+
+
+def _label_of(x, y, z):
+    """A label that changes under any flip or rotation of the grid (1..251, 0 stays fill)."""
+    return ((x * 31 + y * 17 + z * 7) % 251 + 1).astype(np.uint8)
+
+
+def _coordinate_case(tmp_path, shape):
+    """Image channels 0-2 hold each voxel's coordinates + 1, channel 3 holds 1; the label is
+    `_label_of` the coordinates. Any transform applied to one and not the other breaks the
+    relation between them."""
+    x, y, z = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    vol = np.stack([x + 1, y + 1, z + 1, np.ones(shape)], -1).astype(np.float32)
+    np.save(tmp_path / "v.npy", vol)
+    np.save(tmp_path / "s.npy", _label_of(x, y, z))
+    return data.Case("c", str(tmp_path / "v.npy"), str(tmp_path / "s.npy"), (True,) * 4)
+
+
+def _check_sample(out, shape):
+    image, label = out["image"], out["label"]
+    inside = label > 0
+    coords = np.rint(image[..., :3]).astype(np.int64) - 1
+    np.testing.assert_array_equal(image[..., :3][inside], coords[inside] + 1)  # no blending
+    for a, s in enumerate(shape):
+        assert (coords[..., a][inside] >= 0).all() and (coords[..., a][inside] < s).all()
+    want = _label_of(coords[..., 0], coords[..., 1], coords[..., 2])
+    np.testing.assert_array_equal(label[inside], want[inside])
+    # Label fill (0: rotated in from outside, or padding) exactly where the image is fill.
+    np.testing.assert_array_equal(~inside, np.isin(image[..., 3], (0.0, -1.0)))
+
+
+def _orientation(image, inside):
+    """Per axis a: +1 if coordinate a increases along axis a (not flipped), -1 if it decreases."""
+    signs = []
+    for a in range(3):
+        if image.shape[a] == 1:
+            signs.append(0)
+            continue
+        d = np.diff(image[..., a], axis=a)
+        ok = np.diff(inside.astype(int), axis=a) == 0
+        signs.append(int(np.sign(d[ok & np.take(inside, range(1, image.shape[a]), a)].sum())))
+    return tuple(signs)
+
+
+def _rotated_planes(image, inside):
+    """Planes (a, b) in which coordinate a varies along axis b (a rotation there)."""
+    planes = set()
+    for a, b in itertools.permutations(range(3), 2):
+        if image.shape[b] > 1:
+            d = np.diff(image[..., a], axis=b)
+            ok = np.take(inside, range(1, image.shape[b]), b) & np.take(
+                inside, range(image.shape[b] - 1), b
+            )
+            if (d[ok] != 0).any():
+                planes.add(tuple(sorted((a, b))))
+    return planes
+
+
+def test_augmented_label_matches_image_3d(tmp_path):
+    shape = (20, 18, 16)
+    case = _coordinate_case(tmp_path, shape)
+    cfg = data.AugmentConfig(crop=(12, 12, 12), intensity=0)
+    t = data.TrainTransform(BRATS, cfg)
+    orientations, planes = set(), set()
+    for seed in range(60):
+        out = t.random_map((0, case), np.random.default_rng(seed))
+        _check_sample(out, shape)
+        inside = out["label"] > 0
+        orientations.add(_orientation(out["image"], inside))
+        planes |= _rotated_planes(out["image"], inside)
+    for a in range(3):  # the test is not vacuous: every axis was seen flipped and not
+        assert {o[a] for o in orientations} == {-1, 1}, orientations
+    assert planes == set(data.ROTATION_PLANES)
+
+
+def test_myops_rotates_every_slice_in_plane(tmp_path):
+    from configs import dmaf_brats2020, dmaf_myops2020
+    from dmaf_jax import dataset
+
+    assert dataset.augment_config(dmaf_brats2020.get_config()).rotation_planes == (
+        (0, 1),
+        (1, 2),
+        (0, 2),
+    )
+    cfg = dmaf_myops2020.get_config()
+    assert cfg.data.rotation_planes == ((0, 1),)
+    aug = dataset.augment_config(cfg)
+    assert aug.rotation_planes == ((0, 1),)
+    shape = (60, 70, 1)  # padded along H, cropped along W; 64 wide: a 1-degree turn shows
+    case = _coordinate_case(tmp_path, shape)
+    aug = dataclasses.replace(aug, crop=(64, 64, 1), intensity=0)
+    t = data.TrainTransform(MYOPS, aug)
+    rotated, orientations = 0, set()
+    n = 60
+    for seed in range(n):
+        out = t.random_map((0, case), np.random.default_rng(seed))
+        _check_sample(out, shape)
+        inside = out["label"] > 0
+        rotated += _rotated_planes(out["image"], inside) == {(0, 1)}
+        orientations.add(_orientation(out["image"], inside)[:2])
+    # Angles are integers in [-10, 10): 19 in 20 samples rotate (a third if planes touching
+    # the size-1 depth axis were drawn and skipped).
+    assert rotated >= 0.85 * n, rotated
+    assert {o[0] for o in orientations} == {o[1] for o in orientations} == {-1, 1}
+
+
+def test_rotation_plane_from_config(tmp_path, rng):
+    vol = rng.normal(size=(12, 12, 12, 2)).astype(np.float32)
+    seg = rng.integers(0, 4, (12, 12, 12)).astype(np.uint8)
+    np.save(tmp_path / "v.npy", vol)
+    np.save(tmp_path / "s.npy", seg)
+    case = data.Case("c", str(tmp_path / "v.npy"), str(tmp_path / "s.npy"), (True, True))
+    cfg = data.AugmentConfig(crop=(12, 12, 12), intensity=0, flip=False, rotation_planes=((1, 2),))
+    spec = dataclasses.replace(BRATS, modalities=("a", "b"), combinations=("01", "10", "11"))
+    t = data.TrainTransform(spec, cfg)
+    for seed in range(5):
+        out = t.random_map((0, case), np.random.default_rng(seed))
+        matches = [
+            a
+            for a in range(-10, 10)
+            if np.array_equal(out["label"], data.rotate(seg, a, (1, 2), 0))
+            and np.array_equal(out["image"], data.rotate(vol, a, (1, 2), -1.0))
+        ]
+        assert matches, seed
+
+
+def test_bad_rotation_planes_fail_at_once(tmp_path):
+    from configs import dmaf_myops2020
+    from dmaf_jax import dataset
+
+    cfg = dmaf_myops2020.get_config("smoke")
+    cfg.data.rotation_planes = ((0, 0),)
+    with pytest.raises(ValueError, match="data.rotation_planes"):
+        dataset.prepare(cfg, tmp_path)
