@@ -51,8 +51,49 @@ def header_fields(img) -> dict:
     }
 
 
-def save(path: str | pathlib.Path, data: np.ndarray, affine: np.ndarray) -> None:
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+def header_from_fields(fields: dict, affine: np.ndarray) -> nib.Nifti1Header:
+    """A header rebuilt from `header_fields` (for when the reference file is gone)."""
+    h = nib.Nifti1Header()
+    h.set_data_shape(fields["shape"])
+    h.set_qform(affine, code=int(fields["qform_code"]))
+    h.set_sform(affine, code=int(fields["sform_code"]))
+    h["pixdim"] = np.asarray(fields["pixdim"], np.float32)
+    h["xyzt_units"] = int(fields["xyzt_units"])
+    return h
+
+
+def save(
+    path: str | pathlib.Path,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    reference: str | pathlib.Path | nib.Nifti1Header | None = None,
+) -> None:
+    """Write `data` as NIfTI.
+
+    With `reference` (a NIfTI file or a header), its header is kept (q/s-form and their codes,
+    units, pixdim, description) with `data`'s shape and dtype and no intensity scaling; an
+    `affine` that differs from the reference's replaces both forms, keeping their codes.
+    Without one, `affine` is written as q- and s-form with code 1 (scanner)."""
+    data = np.asarray(data)
+    if reference is None:
+        if affine is None:
+            raise ValueError("nifti.save needs an affine or a reference header")
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    else:
+        if isinstance(reference, nib.Nifti1Header):
+            header = reference.copy()
+        else:
+            header = nib.load(str(reference)).header.copy()
+        if affine is not None and not np.allclose(affine, header.get_best_affine()):
+            qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+            header.set_qform(affine, code=qcode)
+            header.set_sform(affine, code=scode)
+        pixdim = header["pixdim"].copy()
+        header.set_data_shape(data.shape)  # resets the pixdim of unused dimensions
+        header["pixdim"] = pixdim
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(1.0, 0.0)  # the reference's scaling does not apply to labels
+        img = nib.Nifti1Image(data, None, header=header)
     nib.save(img, str(path))

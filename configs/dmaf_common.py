@@ -24,7 +24,9 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     d.mask_mode = (
         "fixed"  # fixed (the CSV's mask) | sub (random sub-mask) | random (any combination)
     )
-    d.min_size = 128  # every axis at least this long after the brain crop (BraTS)
+    d.min_size = 128  # every axis at least this long (raw voxels) after the brain crop (BraTS)
+    d.brain_box = "ours"  # ours | original (RFNet's box exactly: exclusive max, 128 or 129)
+    d.zoom = 1.0  # resampling after the crop; 0.5 = voxels twice as large (demo)
     d.crop = (80, 80, 80)  # training crop
     d.random_crop = True  # False: centred crop
     d.rotation = 10  # degrees, integer angles in [-r, r)

@@ -121,7 +121,8 @@ class TrainTransform(grain.transforms.RandomMap):
         shape = np.load(case.seg, mmap_mode="r").shape
         origin = crop_origin(shape, cfg.crop, rng, cfg.random_crop)
         image = read_crop(case.vol, origin, cfg.crop).astype(np.float32, copy=False)
-        label = read_crop(case.seg, origin, cfg.crop)
+        # uint8 whatever the file holds (the original's MyoPS labels are uint32)
+        label = read_crop(case.seg, origin, cfg.crop).astype(np.uint8, copy=False)
         if cfg.rotation:
             planes = cfg.rotation_planes
             plane = tuple(planes[int(rng.integers(len(planes)))])

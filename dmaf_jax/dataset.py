@@ -187,6 +187,7 @@ def validate_config(cfg) -> None:
         raise ValueError(f"data.crop must be three positive sizes, not {cfg.data.crop}")
     if not cfg.data.missing_csv:
         missing.missing_rates(SPECS[cfg.dataset], cfg.data.missing_rate)  # raises if malformed
+    preprocess.Settings(cfg.data.min_size, cfg.data.zoom, cfg.data.brain_box)  # raises if bad
     planes = [tuple(p) for p in cfg.data.rotation_planes]
     if not planes or any(len(p) != 2 or p[0] == p[1] or not set(p) <= {0, 1, 2} for p in planes):
         raise ValueError(f"data.rotation_planes must be pairs of distinct axes 0-2, not {planes}")
@@ -212,6 +213,8 @@ def prepare(cfg, workdir: str | pathlib.Path, for_training: bool = False) -> Pre
             cfg.data.min_size,
             cfg.data.preprocess_workers,
             progress=lambda it, **k: progress(it, desc="preprocess", **k),
+            zoom=cfg.data.zoom,
+            brain_box=cfg.data.brain_box,
         )
         summary.update(
             raw_dir=str(raw),
@@ -227,7 +230,7 @@ def prepare(cfg, workdir: str | pathlib.Path, for_training: bool = False) -> Pre
     vol_dir = root / "vol"
     if not vol_dir.is_dir():
         raise FileNotFoundError(f"no preprocessed data in {root}: set data.raw_dir or data.root")
-    available = sorted(p.name[: -len("_vol.npy")] for p in vol_dir.glob("*_vol.npy"))
+    available = preprocess.available_cases(root)  # complete: volume, label and metadata
     split, absent, split_source, split_record = _split(cfg, spec, available, workdir, for_training)
     masks, mask_source = _masks(cfg, spec, split["train"], workdir)
     summary.update(

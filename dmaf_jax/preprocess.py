@@ -1,20 +1,36 @@
 """Raw NIfTI downloads -> the original code base's preprocessed layout (spec sections 1.1, 1.6).
 
-BraTS2020: per case folder, the four modalities stacked [FLAIR, T1ce, T1, T2], cropped to the
-brain's bounding box (inclusive; the original drops the last slice, an off-by-one not kept)
-widened to at least `min_size` voxels per axis (zero-padded where the volume is smaller),
-z-scored per modality inside the brain mask (sum over modalities > 0; the whole crop is
-transformed, so the background becomes -mean/std), labels mapped 4 -> 3. Written as
+Cases are found at any depth under the raw folder (`discover`): per-case folders as in the
+BraTS2020 download (nested two levels down) and the flat MyoPS release (labels in a sibling
+folder) alike.
+
+BraTS2020: per case, the four modalities stacked [FLAIR, T1ce, T1, T2], cropped to the brain's
+bounding box, `data.brain_box`:
+- "ours": inclusive box of the voxels where some modality is > 0, centred and widened to
+  exactly `min_size` voxels per axis, kept inside the volume, zero-padded where the volume is
+  smaller;
+- "original": RFNet/PASSION's box exactly (`crop_box_original`: exclusive maximum, so the last
+  brain slice is dropped; widened to 128 or 129; not clamped at the upper end; brain = max over
+  modalities != 0). The two differ by a voxel per axis and by up to ~3e-3 in the z-scores.
+Then optionally zoomed (`data.zoom`: images linear, labels by a weighted majority), z-scored
+per modality inside the brain mask (sum over modalities > 0; the whole crop is transformed, so
+the background becomes -mean/std), labels mapped 4 -> 3. Written as
 `<out>/vol/<P><case>_vol.npy` (H, W, D, 4) float32 and `<out>/seg/<P><case>_seg.npy` (H, W, D)
-uint8, P = HG_/LG_ by the original's case-number rule, plus `<out>/meta/<P><case>.json` with the
-crop box, padding, original shape, affine and header (to put predictions back later).
+uint8, P = HG_/LG_ by the original's case-number rule, plus `<out>/meta/<P><case>.json`.
 
 MyoPS2020: per case, the three modalities [C0, DE, T2] z-scored over the voxels where their sum
-is > 0, no crop, labels 200/500/600/1220/2221 -> 1..5, written slice by slice as
-`<case>_slice_<i>_vol.npy` (H, W, 1, 3) and `_seg.npy` (H, W, 1).
+is > 0, no crop (zoom in-plane only), labels 200/500/600/1220/2221 -> 1..5, written slice by
+slice as `<case>_slice_<i>_vol.npy` (H, W, 1, 3) and `_seg.npy` (H, W, 1); `meta/<case>.json`.
 
-Cases run in parallel worker processes; a case whose JSON exists is skipped; every bad case is
-reported by name with its reason at the end instead of stopping the run.
+Metadata (JSON, written atomically after the arrays): `outputs` (the names written), `settings`
+(min_size, zoom, brain_box: a case done with other settings is done again), the raw files
+(`reference` = the first modality, whose header predictions are written with; `raw_files`,
+`label_file`), `original_shape`, `affine`, `header`, the grid (`crop`, `pad`, `cropped_shape`,
+`shape`, `zoom`, `scale`, `spacing` in mm, `grid_affine`). `to_original` / `save_original` put
+a prediction back into the raw geometry.
+
+Cases run in parallel worker processes; every bad case is reported by name with its reason at
+the end instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -25,8 +41,10 @@ import multiprocessing
 import os
 import pathlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from common import nifti
 from dmaf_jax.modalities import BRATS, MYOPS, DatasetSpec
@@ -38,12 +56,51 @@ class CaseError(ValueError):
     """A case that cannot be preprocessed; the message is the reason."""
 
 
+BRAIN_BOXES = ("ours", "original")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The preprocessing settings a case's outputs depend on (recorded in its metadata; a case
+    preprocessed with other settings is done again)."""
+
+    min_size: int = 128  # raw voxels per axis after the brain crop (BraTS)
+    zoom: float = 1.0  # resampling factor after the crop (0.5: voxels twice as large)
+    brain_box: str = "ours"  # ours | original (RFNet's exact box, spec 1.1)
+
+    def __post_init__(self):
+        if self.brain_box not in BRAIN_BOXES:
+            raise ValueError(f"data.brain_box must be ours or original, not {self.brain_box!r}")
+        if not self.zoom > 0:
+            raise ValueError(f"data.zoom must be positive, not {self.zoom}")
+
+    def record(self, spec: DatasetSpec) -> dict:
+        if spec.name == BRATS.name:
+            return {
+                "min_size": int(self.min_size),
+                "zoom": float(self.zoom),
+                "brain_box": self.brain_box,
+            }
+        return {"zoom": float(self.zoom)}  # MyoPS: no crop
+
+
 @dataclasses.dataclass
 class CaseResult:
     case: str
     outputs: list[str]
     error: str | None = None
     skipped: bool = False
+    note: str | None = None
+
+
+@dataclasses.dataclass
+class RawCase:
+    """One case found under the raw folder: its modality files (by suffix; missing ones absent)
+    and its label file, wherever they are."""
+
+    name: str  # the file-name prefix, e.g. BraTS20_Training_001
+    images: dict[str, pathlib.Path]
+    label: pathlib.Path | None
     note: str | None = None
 
 
@@ -56,33 +113,82 @@ def brats_prefix(case: str) -> str:
     return next((p for lo, hi, p in HGG_LGG_RANGES if lo <= n <= hi), "")
 
 
-def find_files(
-    case_dir: pathlib.Path, spec: DatasetSpec
-) -> tuple[list[pathlib.Path], pathlib.Path, str | None]:
-    """(modality files in channel order, label file, note). The label may be named differently
-    (one case of the common BraTS2020 download): then the one other NIfTI file in the folder."""
-    case = case_dir.name
-    images, missing = [], []
-    for suffix in spec.file_suffixes:
-        p = nifti.find(case_dir, f"{case}_{suffix}")
-        (images if p else missing).append(p or suffix)
+def _walk_nifti(root: pathlib.Path) -> dict[pathlib.Path, list[pathlib.Path]]:
+    """{folder: its NIfTI files} for every folder under `root` (hidden ones skipped, symbolic
+    links followed once)."""
+    found, seen = {}, set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        niftis = sorted(pathlib.Path(folder) / f for f in files if f.endswith(nifti.NIFTI_SUFFIXES))
+        if niftis:
+            found[pathlib.Path(folder)] = niftis
+    return found
+
+
+def discover(spec: DatasetSpec, raw_dir: str | pathlib.Path) -> list[RawCase]:
+    """Every case under `raw_dir`, at any depth, sorted by name.
+
+    A case is a file-name prefix P with at least one `P_<modality>.nii(.gz)`: per-case folders
+    (spec 1.1, 1.6) at any depth, as in the BraTS2020 download
+    (`BraTS2020_TrainingData/MICCAI_BraTS2020_TrainingData/<case>/`), and flat folders of many
+    cases, as in the MyoPS release (`train25/<case>_C0.nii.gz`). The label `P_<label>.nii(.gz)`
+    may be anywhere under `raw_dir` (MyoPS: `train25_myops_gd/`); a case alone in its folder
+    without one takes the folder's one other NIfTI file (one BraTS2020 case names it
+    `W39_1998.09.19_Segm.nii`)."""
+    folders = _walk_nifti(pathlib.Path(raw_dir))
+    images: dict[str, dict[str, list[pathlib.Path]]] = {}
+    labels: dict[str, list[pathlib.Path]] = {}
+    claimed = set()
+    for files in folders.values():
+        for p in files:
+            stem = nifti.stem(p)
+            for suffix in spec.file_suffixes:
+                if stem.endswith(f"_{suffix}") and len(stem) > len(suffix) + 1:
+                    images.setdefault(stem[: -len(suffix) - 1], {}).setdefault(suffix, []).append(p)
+                    claimed.add(p)
+            if stem.endswith(f"_{spec.label_suffix}"):
+                labels.setdefault(stem[: -len(spec.label_suffix) - 1], []).append(p)
+                claimed.add(p)
+    cases = []
+    for name in sorted(images):
+        found = {k: images[name][k][0] for k in spec.file_suffixes if k in images[name]}
+        notes = [
+            f"{k} also at {', '.join(str(x) for x in v[1:])}"
+            for k, v in images[name].items()
+            if len(v) > 1
+        ]
+        home = next(iter(found.values())).parent
+        cands = labels.get(name, [])
+        label = next((x for x in cands if x.parent == home), cands[0] if cands else None)
+        if len(cands) > 1:
+            notes.append(f"label also at {', '.join(str(x) for x in cands if x != label)}")
+        if label is None:
+            alone = {
+                nifti.stem(p)[: -len(s) - 1]
+                for p in folders[home]
+                for s in spec.file_suffixes
+                if nifti.stem(p).endswith(f"_{s}")
+            } == {name}
+            others = [p for p in folders[home] if p not in claimed]
+            if alone and len(others) == 1:
+                label = others[0]
+                notes.append(f"label read from {label.name}")
+        cases.append(RawCase(name, found, label, "; ".join(notes) or None))
+    return cases
+
+
+def _load_case(case: RawCase, spec: DatasetSpec):
+    missing = [s for s in spec.file_suffixes if s not in case.images]
     if missing:
         raise CaseError(f"missing modality file(s): {', '.join(missing)}")
-    label = nifti.find(case_dir, f"{case}_{spec.label_suffix}")
-    note = None
-    if label is None:
-        others = [p for p in sorted(case_dir.iterdir()) if nifti.is_nifti(p) and p not in images]
-        if len(others) != 1:
-            raise CaseError(
-                f"no label file {case}_{spec.label_suffix}.nii(.gz) and "
-                f"{len(others)} other NIfTI files to choose from"
-            )
-        label, note = others[0], f"label read from {others[0].name}"
-    return images, label, note
-
-
-def _load_case(case_dir: pathlib.Path, spec: DatasetSpec):
-    images, label_path, note = find_files(case_dir, spec)
+    if case.label is None:
+        raise CaseError(f"no label file {case.name}_{spec.label_suffix}.nii(.gz)")
+    images = [case.images[s] for s in spec.file_suffixes]
     vols, affine, header = [], None, None
     for p in images:
         data, a, h = nifti.load(p)
@@ -95,11 +201,11 @@ def _load_case(case_dir: pathlib.Path, spec: DatasetSpec):
         if not np.isfinite(data).all():
             raise CaseError(f"{p.name} holds NaN or infinite values")
         vols.append(data)
-    seg, a, _ = nifti.load(label_path, np.float64)
+    seg, a, _ = nifti.load(case.label, np.float64)
     if seg.shape != shape:
         raise CaseError(f"label shape {seg.shape} differs from image shape {shape}")
     if not np.allclose(a, affine, atol=1e-3):
-        raise CaseError(f"affine of the label {label_path.name} differs from the images'")
+        raise CaseError(f"affine of the label {case.label.name} differs from the images'")
     values = np.unique(seg)
     bad = [int(v) if float(v).is_integer() else float(v) for v in values if v not in spec.label_map]
     if bad:
@@ -108,7 +214,7 @@ def _load_case(case_dir: pathlib.Path, spec: DatasetSpec):
     for raw, cls in spec.label_map.items():
         lut[raw] = cls
     seg = lut[seg.astype(np.int64)]
-    return np.stack(vols, axis=-1), seg, affine, header, note
+    return np.stack(vols, axis=-1), seg, affine, header
 
 
 def crop_box(nonzero: np.ndarray, min_size: int) -> list[tuple[int, int, int, int]]:
@@ -132,6 +238,26 @@ def crop_box(nonzero: np.ndarray, min_size: int) -> list[tuple[int, int, int, in
     return box
 
 
+def crop_box_original(nonzero: np.ndarray, min_size: int) -> list[tuple[int, int, int, int]]:
+    """The original's box (RFNet/PASSION `crop` + `sup_128`, spec 1.1), exactly: per axis
+    (start, stop, 0, 0) with stop the last non-zero index (exclusive, so that slice is dropped);
+    a box shorter than `min_size` widened by `ecart` below and `ecart + 1` above (128 or 129
+    long), shifted up when it starts below 0, never clamped at the upper end (the slice then
+    ends at the volume's end); no padding."""
+    box = []
+    for axis, dim in enumerate(nonzero.shape):
+        other = tuple(a for a in range(nonzero.ndim) if a != axis)
+        idx = np.nonzero(nonzero.any(axis=other))[0]
+        lo, hi = int(idx[0]), int(idx[-1])
+        if hi - lo < min_size:
+            ecart = int((min_size - (hi - lo)) / 2)
+            hi, lo = hi + ecart + 1, lo - ecart
+        if lo < 0:
+            hi, lo = hi - lo, 0
+        box.append((lo, min(hi, dim), 0, 0))
+    return box
+
+
 def apply_box(x: np.ndarray, box) -> np.ndarray:
     x = x[tuple(slice(a, b) for a, b, _, _ in box)]
     pads = [(p, q) for _, _, p, q in box] + [(0, 0)] * (x.ndim - len(box))
@@ -150,6 +276,138 @@ def zscore(vol: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return out
 
 
+def zoom_shape(shape: Sequence[int], zoom: float, axes: Sequence[int]) -> tuple[int, ...]:
+    """The shape after zooming `axes` by `zoom` (at least one voxel)."""
+    return tuple(max(1, round(n * zoom)) if a in axes else n for a, n in enumerate(shape))
+
+
+def resample_image(vol: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """(..., C) -> (*shape, C) float32, linear, voxel edges aligned (voxel centres at
+    (i + 0.5) * n_in / n_out - 0.5 of the input)."""
+    factors = [o / i for o, i in zip(shape, vol.shape)]
+    out = np.empty((*shape, vol.shape[-1]), np.float32)
+    for k in range(vol.shape[-1]):
+        out[..., k] = ndimage.zoom(
+            vol[..., k].astype(np.float32), factors, order=1, mode="nearest", grid_mode=True
+        )
+    return out
+
+
+def resample_labels(seg: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Labels onto `shape` by a vote weighted as linear interpolation weights (for zoom 0.5 on
+    an even-sized axis: the majority of each 2 x 2 x 2 block; ties to the lower class)."""
+    factors = [o / i for o, i in zip(shape, seg.shape)]
+    best = np.full(tuple(shape), -1.0, np.float32)
+    out = np.zeros(tuple(shape), seg.dtype)
+    for c in np.unique(seg):
+        w = ndimage.zoom(
+            (seg == c).astype(np.float32), factors, order=1, mode="nearest", grid_mode=True
+        )
+        win = w > best
+        out[win], best[win] = c, w[win]
+    return out
+
+
+def nearest_indices(n_out: int, n_in: int) -> np.ndarray:
+    """For each of `n_out` voxels, the nearest of `n_in` voxels spanning the same extent."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def to_original(pred: np.ndarray, meta: dict, raw_labels: bool = False) -> np.ndarray:
+    """A prediction on a case's preprocessed grid -> the raw image's geometry.
+
+    pred: (*meta["shape"]) (BraTS (H', W', D'); MyoPS the case's slices stacked on the last
+    axis, (H', W', D)). The zoom is undone by nearest neighbour onto the cropped (and padded)
+    grid, the padding removed, and the crop placed into a zero volume of the raw image's shape
+    `meta["original_shape"]`. `raw_labels`: classes mapped back to the raw label values
+    (BraTS 3 -> 4; MyoPS 1..5 -> 200..2221). Write it with
+    `common.nifti.save(path, out, reference=meta["reference"])` (see `save_original`)."""
+    pred = np.asarray(pred)
+    if list(pred.shape) != list(meta["shape"]):
+        raise ValueError(f"prediction shape {pred.shape} is not the grid's {meta['shape']}")
+    for axis, (n_in, n_out) in enumerate(zip(pred.shape, meta["cropped_shape"])):
+        pred = np.take(pred, nearest_indices(n_out, n_in), axis=axis)
+    pred = pred[tuple(slice(p, n - q) for (p, q), n in zip(meta["pad"], pred.shape))]
+    out = np.zeros(meta["original_shape"], pred.dtype)
+    out[tuple(slice(a, b) for a, b in meta["crop"])] = pred
+    if raw_labels:
+        lut = np.zeros(int(out.max()) + 1, np.int64)
+        for raw, cls in meta["label_map"].items():
+            if cls < len(lut):
+                lut[cls] = int(raw)
+        out = lut[out].astype(np.uint8 if lut.max() < 256 else np.int16)
+    return out
+
+
+def save_original(path: str | pathlib.Path, pred: np.ndarray, meta: dict, raw_labels=True) -> None:
+    """`to_original` written as NIfTI with the raw image's header (q/s-form codes, units,
+    pixdim) and the prediction's dtype; from the recorded header fields if the raw file moved."""
+    out = to_original(pred, meta, raw_labels)
+    ref = pathlib.Path(meta["reference"])
+    affine = np.asarray(meta["affine"])
+    if ref.exists():
+        nifti.save(path, out, affine, reference=ref)
+    else:
+        nifti.save(path, out, affine, reference=nifti.header_from_fields(meta["header"], affine))
+
+
+def grid_affine(affine: np.ndarray, box, scale: Sequence[float]) -> np.ndarray:
+    """The affine of the preprocessed grid: its voxel i sits at cropped coordinate
+    (i + 0.5) * scale - 0.5, i.e. raw index that + start - pad_before."""
+    m = np.eye(4)
+    for a, ((start, _, pad, _), s) in enumerate(zip(box, scale)):
+        m[a, a] = s
+        m[a, 3] = start - pad + 0.5 * s - 0.5
+    return np.asarray(affine, np.float64) @ m
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    """Temporary name + rename: a metadata file exists only complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_meta(path: pathlib.Path) -> dict | None:
+    """A case's metadata, or None when absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _done(out_root: pathlib.Path, meta_path: pathlib.Path, settings: dict) -> dict | None:
+    """The metadata of a case done with these settings whose outputs all exist, else None."""
+    meta = read_meta(meta_path)
+    if meta is None or meta.get("settings") != settings:
+        return None
+    if not all(_outputs_exist(out_root, n) for n in meta.get("outputs", [])):
+        return None
+    return meta
+
+
+def _outputs_exist(root: pathlib.Path, name: str) -> bool:
+    return all((root / sub / f"{name}_{sub}.npy").exists() for sub in ("vol", "seg"))
+
+
+def available_cases(root: str | pathlib.Path) -> list[str]:
+    """Names ready for training under a preprocessed `root`, sorted: with our `meta/` folder,
+    the outputs of every readable metadata file whose volume and label exist (a case cut short
+    is left out); without it (another code base's arrays), every name with both `vol/` and
+    `seg/` files."""
+    root = pathlib.Path(root)
+    meta_dir = root / "meta"
+    if meta_dir.is_dir():
+        names = set()
+        for p in meta_dir.glob("*.json"):
+            meta = read_meta(p)
+            if meta:
+                names.update(n for n in meta.get("outputs", []) if _outputs_exist(root, n))
+        return sorted(names)
+    vols = {p.name[: -len("_vol.npy")] for p in (root / "vol").glob("*_vol.npy")}
+    return sorted(n for n in vols if (root / "seg" / f"{n}_seg.npy").exists())
+
+
 def _write(out_root: pathlib.Path, name: str, vol: np.ndarray, seg: np.ndarray) -> None:
     for sub, arr in (("vol", vol), ("seg", seg)):
         path = out_root / sub / f"{name}_{sub}.npy"
@@ -158,60 +416,86 @@ def _write(out_root: pathlib.Path, name: str, vol: np.ndarray, seg: np.ndarray) 
         os.replace(tmp, path)
 
 
-def _case_meta(case_dir: pathlib.Path, spec: DatasetSpec, affine, header, note) -> dict:
+def _case_meta(case: RawCase, spec: DatasetSpec, affine, header, settings: Settings) -> dict:
     """What is needed to put a prediction back into the case's original geometry."""
     return {
-        "case": case_dir.name,
+        "case": case.name,
         "modalities": list(spec.modalities),
         "original_shape": header["shape"],
         "affine": np.asarray(affine).tolist(),
         "header": header,
+        "reference": str(case.images[spec.file_suffixes[0]].resolve()),
+        "raw_files": {s: str(p.resolve()) for s, p in case.images.items()},
+        "label_file": str(case.label.resolve()),
         "label_map": {str(k): v for k, v in spec.label_map.items()},
-        "note": note,
+        "note": case.note,
+        "settings": settings.record(spec),
     }
 
 
-def preprocess_brats_case(
-    case_dir: pathlib.Path, out_root: pathlib.Path, min_size: int
-) -> CaseResult:
-    name = brats_prefix(case_dir.name) + case_dir.name
+def _geometry(vol, seg, box, affine, settings: Settings, axes):
+    """Zoom the cropped (vol, seg) and describe the resulting grid (metadata fields)."""
+    cropped = list(seg.shape)
+    shape = zoom_shape(cropped, settings.zoom, axes)
+    if list(shape) != cropped:
+        vol, seg = resample_image(vol, shape), resample_labels(seg, shape)
+    scale = [c / n for c, n in zip(cropped, shape)]
+    grid = grid_affine(affine, box, scale)
+    geometry = {
+        "crop": [[a, b] for a, b, _, _ in box],
+        "pad": [[p, q] for _, _, p, q in box],
+        "cropped_shape": cropped,
+        "shape": list(shape),
+        "zoom": float(settings.zoom),
+        "scale": scale,
+        "spacing": np.linalg.norm(grid[:3, :3], axis=0).tolist(),
+        "grid_affine": grid.tolist(),
+    }
+    return vol, seg, geometry
+
+
+def preprocess_brats_case(case: RawCase, out_root: pathlib.Path, settings: Settings) -> CaseResult:
+    name = brats_prefix(case.name) + case.name
     meta_path = out_root / "meta" / f"{name}.json"
-    if meta_path.exists():
-        return CaseResult(case_dir.name, [name], skipped=True)
-    vol, seg, affine, header, note = _load_case(case_dir, BRATS)
-    nonzero = vol.max(axis=-1) > 0
+    if _done(out_root, meta_path, settings.record(BRATS)):
+        return CaseResult(case.name, [name], skipped=True)
+    meta_path.unlink(missing_ok=True)  # outputs are rewritten below: not complete until then
+    vol, seg, affine, header = _load_case(case, BRATS)
+    if settings.brain_box == "original":
+        nonzero = vol.max(axis=-1) != 0
+        box_fn = crop_box_original
+    else:
+        nonzero = vol.max(axis=-1) > 0
+        box_fn = crop_box
     if not nonzero.any():
         raise CaseError("empty brain: every voxel of every modality is zero")
-    box = crop_box(nonzero, min_size)
+    box = box_fn(nonzero, settings.min_size)
     vol, seg = apply_box(vol, box), apply_box(seg, box)
+    vol, seg, geometry = _geometry(vol, seg, box, affine, settings, (0, 1, 2))
     vol = zscore(vol, vol.sum(axis=-1) > 0)
     _write(out_root, name, vol.astype(np.float32), seg.astype(np.uint8))
-    meta = _case_meta(case_dir, BRATS, affine, header, note)
-    meta.update(
-        name=name,
-        crop=[[a, b] for a, b, _, _ in box],
-        pad=[[p, q] for _, _, p, q in box],
-        shape=list(seg.shape),
-    )
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return CaseResult(case_dir.name, [name], note=note)
+    meta = _case_meta(case, BRATS, affine, header, settings)
+    meta.update(name=name, outputs=[name], **geometry)
+    _write_json(meta_path, meta)
+    return CaseResult(case.name, [name], note=case.note)
 
 
-def preprocess_myops_case(
-    case_dir: pathlib.Path, out_root: pathlib.Path, min_size: int
-) -> CaseResult:
-    del min_size  # MyoPS slices are not cropped
-    meta_path = out_root / "meta" / f"{case_dir.name}.json"
-    if meta_path.exists():
-        return CaseResult(case_dir.name, json.loads(meta_path.read_text())["slices"], skipped=True)
-    vol, seg, affine, header, note = _load_case(case_dir, MYOPS)
+def preprocess_myops_case(case: RawCase, out_root: pathlib.Path, settings: Settings) -> CaseResult:
+    meta_path = out_root / "meta" / f"{case.name}.json"
+    done = _done(out_root, meta_path, settings.record(MYOPS))
+    if done:
+        return CaseResult(case.name, done["outputs"], skipped=True)
+    meta_path.unlink(missing_ok=True)
+    vol, seg, affine, header = _load_case(case, MYOPS)
     body = vol.sum(axis=-1) > 0
     if not body.any():
         raise CaseError("empty image: every voxel of every modality is zero")
-    vol = zscore(vol, body)
+    box = [(0, n, 0, 0) for n in seg.shape]  # MyoPS is not cropped
+    vol, seg, geometry = _geometry(vol, seg, box, affine, settings, (0, 1))
+    vol = zscore(vol, vol.sum(axis=-1) > 0)
     names = []
     for i in range(vol.shape[2]):
-        name = f"{case_dir.name}_slice_{i}"
+        name = f"{case.name}_slice_{i}"
         _write(
             out_root,
             name,
@@ -219,22 +503,23 @@ def preprocess_myops_case(
             seg[:, :, i : i + 1].astype(np.uint8),
         )
         names.append(name)
-    meta = dict(_case_meta(case_dir, MYOPS, affine, header, note), slices=names)
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return CaseResult(case_dir.name, names, note=note)
+    meta = _case_meta(case, MYOPS, affine, header, settings)
+    meta.update(name=case.name, outputs=names, slices=names, **geometry)
+    _write_json(meta_path, meta)
+    return CaseResult(case.name, names, note=case.note)
 
 
 CASE_FUNCTIONS = {"brats2020": preprocess_brats_case, "myops2020": preprocess_myops_case}
 
 
 def _run_case(args) -> CaseResult:
-    fn_name, case_dir, out_root, min_size = args
+    fn_name, case, out_root, settings = args
     try:
-        return CASE_FUNCTIONS[fn_name](case_dir, out_root, min_size)
+        return CASE_FUNCTIONS[fn_name](case, out_root, settings)
     except CaseError as e:
-        return CaseResult(case_dir.name, [], error=str(e))
+        return CaseResult(case.name, [], error=str(e))
     except Exception as e:  # a corrupt file surfaces as many kinds of errors
-        return CaseResult(case_dir.name, [], error=f"{type(e).__name__}: {e}")
+        return CaseResult(case.name, [], error=f"{type(e).__name__}: {e}")
 
 
 @dataclasses.dataclass
@@ -252,20 +537,26 @@ def preprocess(
     min_size: int = 128,
     workers: int = 1,
     progress=None,
+    *,
+    zoom: float = 1.0,
+    brain_box: str = "ours",
 ) -> Summary:
-    """Preprocess every case folder under `raw_dir` into `out_root`."""
+    """Preprocess every case found under `raw_dir` (`discover`, any depth) into `out_root`;
+    a case already done with the same settings is skipped."""
+    settings = Settings(int(min_size), float(zoom), brain_box)
     raw, out = pathlib.Path(raw_dir), pathlib.Path(out_root)
     if not raw.is_dir():
         raise FileNotFoundError(f"raw data folder {raw} does not exist")
-    cases = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+    cases = discover(spec, raw)
     if not cases:
-        raise FileNotFoundError(f"no case folders in {raw}")
+        pattern = f"<case>_{{{','.join(spec.file_suffixes)}}}.nii(.gz)"
+        raise FileNotFoundError(f"no case files {pattern} anywhere under {raw}")
     for sub in ("vol", "seg", "meta"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(spec.name, c, out, min_size) for c in cases]
-    if workers > 1:
+    jobs = [(spec.name, c, out, settings) for c in cases]
+    if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds JAX threads
-        with ctx.Pool(workers) as pool:
+        with ctx.Pool(min(workers, len(jobs))) as pool:
             it = pool.imap_unordered(_run_case, jobs)
             results = list(progress(it, total=len(jobs)) if progress else it)
     else:

@@ -1,13 +1,16 @@
 """Synthetic data in the real raw layouts of BraTS2020 and MyoPS2020, for demos and tests.
 
-BraTS: `<raw>/BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1ce,t1,t2,seg}.nii.gz`, int16
-images (240 x 240 x 155 by default) with BraTS's affine, skull-stripped (zero outside the head),
-labels 0/1/2/4. A head-like ellipsoid with grey/white matter and CSF texture holds a tumour with
-a necrotic core (1), an enhancing rim (4) and oedema (2) whose contrasts differ per modality as
-in real MRI: oedema bright in FLAIR and T2, the rim bright in T1ce, the core dark in T1.
+BraTS: `<raw>/BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1ce,t1,t2,seg}.nii.gz` (or the
+download's nested layout, `write_brats(layout="download")`), int16 images (240 x 240 x 155 by
+default) with BraTS's affine, skull-stripped (zero outside the head), labels 0/1/2/4. A
+head-like ellipsoid with grey/white matter and CSF texture holds a tumour with a necrotic core
+(1), an enhancing rim (4) and oedema (2) whose contrasts differ per modality as in real MRI:
+oedema bright in FLAIR and T2, the rim bright in T1ce, the core dark in T1. About 1 s of CPU
+per 240 x 240 x 155 case plus 0.7 s to write it (smooth fields drawn on a coarse grid).
 
-MyoPS: `<raw>/myops_training_1XX/myops_training_1XX_{C0,DE,T2,gd}.nii.gz`, short-axis slices
-with LV blood pool (500), myocardium (200), RV blood pool (600), oedema (1220) and scar (2221).
+MyoPS: `<raw>/myops_training_1XX/myops_training_1XX_{C0,DE,T2,gd}.nii.gz` (or the flat release,
+`write_myops(layout="release")`), short-axis slices with LV blood pool (500), myocardium (200),
+RV blood pool (600), oedema (1220) and scar (2221).
 """
 
 from __future__ import annotations
@@ -128,17 +131,31 @@ def brats_case(rng: np.random.Generator, shape=(240, 240, 155)) -> tuple[dict, n
     return images, labels
 
 
-def _write_cases(raw_dir, names, make_case, affine, progress=None) -> list[str]:
-    """Write each case as `<raw>/<name>/<name>_<suffix>.nii.gz` from make_case() ->
-    ({suffix: volume}, {label suffix: labels})."""
-    raw = pathlib.Path(raw_dir)
+BRATS_DOWNLOAD = ("BraTS2020_TrainingData", "MICCAI_BraTS2020_TrainingData")
+MYOPS_RELEASE = ("train25", "train25_myops_gd")
+
+
+def _write_cases(names, make_case, affine, where, progress=None) -> list[str]:
+    """Write each case from make_case() -> {suffix: volume} to where(name, suffix) (a path)."""
     for name in progress(names) if progress else names:
-        images, labels = make_case()
-        d = raw / name
-        d.mkdir(parents=True, exist_ok=True)
-        for suffix, vol in {**images, **labels}.items():
-            nifti.save(d / f"{name}_{suffix}.nii.gz", vol, affine)
+        for suffix, vol in make_case().items():
+            path = where(name, suffix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nifti.save(path, vol, affine)
     return list(names)
+
+
+def _write_brats_tables(folder: pathlib.Path, names: Sequence[str], rng) -> None:
+    """The two CSVs the BraTS2020 download holds beside the case folders."""
+    rows = [
+        "Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,"
+        "BraTS_2019_subject_ID,BraTS_2020_subject_ID"
+    ]
+    rows += [f"HGG,NA,NA,NA,NA,{n}" for n in names]
+    (folder / "name_mapping.csv").write_text("\n".join(rows) + "\n")
+    rows = ["Brats20ID,Age,Survival_days,Extent_of_Resection"]
+    rows += [f"{n},{rng.uniform(30, 80):.3f},{rng.integers(50, 1500)},GTR" for n in names]
+    (folder / "survival_info.csv").write_text("\n".join(rows) + "\n")
 
 
 def write_brats(
@@ -148,16 +165,31 @@ def write_brats(
     seed: int = 0,
     first_id: int = 1,
     progress=None,
+    layout: str = "cases",
 ) -> list[str]:
-    """Write `n_cases` cases named BraTS20_Training_XXX; returns their names."""
+    """Write `n_cases` cases named BraTS20_Training_XXX; returns their names.
+
+    layout "cases": `<raw>/<case>/<case>_<suffix>.nii.gz`; "download": as the BraTS2020
+    download unpacks, `<raw>/BraTS2020_TrainingData/MICCAI_BraTS2020_TrainingData/<case>/...`
+    beside `name_mapping.csv` and `survival_info.csv`."""
+    if layout not in ("cases", "download"):
+        raise ValueError(f"BraTS layout must be cases or download, not {layout!r}")
     rng = np.random.default_rng(seed)
     names = [f"BraTS20_Training_{i:03d}" for i in range(first_id, first_id + n_cases)]
+    root = pathlib.Path(raw_dir)
+    if layout == "download":
+        root = root.joinpath(*BRATS_DOWNLOAD)
+        root.mkdir(parents=True, exist_ok=True)
+        _write_brats_tables(root, names, np.random.default_rng(seed + 1))
 
     def make():
         images, labels = brats_case(rng, shape)
-        return images, {"seg": labels}
+        return {**images, "seg": labels}
 
-    return _write_cases(raw_dir, names, make, brats_affine(shape), progress)
+    def where(name, suffix):
+        return root / name / f"{name}_{suffix}.nii.gz"
+
+    return _write_cases(names, make, brats_affine(shape), where, progress)
 
 
 def myops_case(rng: np.random.Generator, shape=(128, 128, 4)) -> tuple[dict, np.ndarray]:
@@ -207,13 +239,28 @@ def write_myops(
     shape=(128, 128, 4),
     seed: int = 0,
     first_id: int = 101,
+    layout: str = "cases",
 ) -> list[str]:
-    """Write `n_cases` cases named myops_training_1XX; returns their names."""
+    """Write `n_cases` cases named myops_training_1XX; returns their names.
+
+    layout "cases": `<raw>/<case>/<case>_{C0,DE,T2,gd}.nii.gz` (spec 1.6); "release": the flat
+    release, `<raw>/train25/<case>_{C0,DE,T2}.nii.gz` with the labels in
+    `<raw>/train25_myops_gd/<case>_gd.nii.gz`."""
+    if layout not in ("cases", "release"):
+        raise ValueError(f"MyoPS layout must be cases or release, not {layout!r}")
     rng = np.random.default_rng(seed)
     names = [f"myops_training_{i}" for i in range(first_id, first_id + n_cases)]
+    raw = pathlib.Path(raw_dir)
 
     def make():
         images, labels = myops_case(rng, shape)
-        return images, {"gd": labels}
+        return {**images, "gd": labels}
 
-    return _write_cases(raw_dir, names, make, np.diag([1.25, 1.25, 8.0, 1.0]))
+    def where(name, suffix):
+        if layout == "cases":
+            folder = raw / name
+        else:
+            folder = raw / MYOPS_RELEASE[suffix == "gd"]
+        return folder / f"{name}_{suffix}.nii.gz"
+
+    return _write_cases(names, make, np.diag([1.25, 1.25, 8.0, 1.0]), where)
