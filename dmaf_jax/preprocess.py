@@ -381,9 +381,17 @@ def _done(out_root: pathlib.Path, meta_path: pathlib.Path, settings: dict) -> di
     meta = read_meta(meta_path)
     if meta is None or meta.get("settings") != settings:
         return None
-    if not all(_outputs_exist(out_root, n) for n in meta.get("outputs", [])):
+    if not all(_outputs_exist(out_root, n) for n in _outputs(meta)):
         return None
     return meta
+
+
+def _outputs(meta: dict) -> list[str]:
+    """The names a metadata file vouches for (files written before `outputs` was recorded:
+    MyoPS `slices`, BraTS `name`)."""
+    if "outputs" in meta:
+        return meta["outputs"]
+    return meta.get("slices") or ([meta["name"]] if "name" in meta else [])
 
 
 def _outputs_exist(root: pathlib.Path, name: str) -> bool:
@@ -402,7 +410,7 @@ def available_cases(root: str | pathlib.Path) -> list[str]:
         for p in meta_dir.glob("*.json"):
             meta = read_meta(p)
             if meta:
-                names.update(n for n in meta.get("outputs", []) if _outputs_exist(root, n))
+                names.update(n for n in _outputs(meta) if _outputs_exist(root, n))
         return sorted(names)
     vols = {p.name[: -len("_vol.npy")] for p in (root / "vol").glob("*_vol.npy")}
     return sorted(n for n in vols if (root / "seg" / f"{n}_seg.npy").exists())

@@ -119,18 +119,83 @@ def run_preprocess(raw, work):
 
 
 def test_run_py_exit_codes(tmp_path):
+    """run.py --mode=preprocess with data.raw_dir at the root of the download's nested layout."""
     raw = tmp_path / "raw"
-    names = synthetic.write_brats(raw, 3, shape=(40, 44, 36), seed=2)
-    (raw / names[2] / f"{names[2]}_flair.nii.gz").unlink()
+    names = synthetic.write_brats(raw, 3, shape=(40, 44, 36), seed=2, layout="download")
+    cases = raw.joinpath(*synthetic.BRATS_DOWNLOAD)
+    (cases / names[2] / f"{names[2]}_flair.nii.gz").unlink()
     r = run_preprocess(raw, tmp_path / "w1")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "cases: 2 ready" in r.stdout
     assert f"failed {names[2]}: missing modality file(s): flair" in r.stdout
     assert (tmp_path / "w1" / "batch_preview.png").exists()
     for n in names[:2]:
-        (raw / n / f"{n}_seg.nii.gz").unlink()
-        (raw / n / f"{n}_t2.nii.gz").unlink()
+        (cases / n / f"{n}_seg.nii.gz").unlink()
+        (cases / n / f"{n}_t2.nii.gz").unlink()
     r = run_preprocess(raw, tmp_path / "w2")
     assert r.returncode != 0 and "no case" in r.stderr
+
+
+def test_brats_download_layout(tmp_path):
+    """The BraTS2020 download nests the cases two levels down beside two CSVs; a case is found
+    at any depth, whatever its folder is called, and the odd label name of case 355 too."""
+    raw = tmp_path / "raw"
+    names = synthetic.write_brats(raw, 2, shape=(24, 22, 20), seed=3, layout="download")
+    cases = raw.joinpath(*synthetic.BRATS_DOWNLOAD)
+    assert (cases / "name_mapping.csv").exists() and (cases / "survival_info.csv").exists()
+    assert sorted(p.name for p in cases.iterdir() if p.is_dir()) == names
+    images, seg = box_case()
+    write_case(cases, "BraTS20_Training_355", images, seg, seg_name="W39_1998.09.19_Segm.nii")
+    deeper = raw / "extra" / "deeper"
+    write_case(deeper, "BraTS20_Training_200", images, seg)
+    (deeper / "BraTS20_Training_200").rename(deeper / "renamed")
+    write_case(raw / ".hidden", "BraTS20_Training_201", images, seg)
+    val = raw / "BraTS2020_ValidationData" / "MICCAI_BraTS2020_ValidationData"
+    write_case(val, "BraTS20_Validation_001", images, None)  # no labels in the validation set
+    found = preprocess.discover(BRATS, raw)
+    assert [c.name for c in found] == [
+        "BraTS20_Training_001",
+        "BraTS20_Training_002",
+        "BraTS20_Training_200",
+        "BraTS20_Training_355",
+        "BraTS20_Validation_001",
+    ]
+    assert list(found[0].images) == ["flair", "t1ce", "t1", "t2"]
+    assert found[3].label.name == "W39_1998.09.19_Segm.nii"
+    s = preprocess.preprocess(BRATS, raw, tmp_path / "out", min_size=6)
+    assert s.processed == [
+        "HG_BraTS20_Training_001",
+        "HG_BraTS20_Training_002",
+        "HG_BraTS20_Training_200",
+        "HG_BraTS20_Training_355",
+    ]
+    assert s.failed == {
+        "BraTS20_Validation_001": "no label file BraTS20_Validation_001_seg.nii(.gz)"
+    }
+    with pytest.raises(FileNotFoundError, match="no case files"):
+        preprocess.preprocess(BRATS, tmp_path / "out", tmp_path / "out2")
+
+
+def test_myops_layouts_agree(tmp_path):
+    """Per-subject folders (spec 1.6) and the flat release (train25/ with the labels in
+    train25_myops_gd/) give the same preprocessed slices."""
+    synthetic.write_myops(tmp_path / "a", 2, shape=(32, 28, 2), seed=4)
+    synthetic.write_myops(tmp_path / "b", 2, shape=(32, 28, 2), seed=4, layout="release")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["train25", "train25_myops_gd"]
+    assert (tmp_path / "b/train25_myops_gd/myops_training_102_gd.nii.gz").exists()
+    assert (tmp_path / "b/train25/myops_training_102_DE.nii.gz").exists()
+    sa = preprocess.preprocess(MYOPS, tmp_path / "a", tmp_path / "oa")
+    sb = preprocess.preprocess(MYOPS, tmp_path / "b", tmp_path / "ob")
+    assert sa.processed == sb.processed and len(sb.processed) == 4 and not sb.failed
+    for n in sb.processed:
+        for sub in ("vol", "seg"):
+            a = np.load(tmp_path / "oa" / sub / f"{n}_{sub}.npy")
+            b = np.load(tmp_path / "ob" / sub / f"{n}_{sub}.npy")
+            np.testing.assert_array_equal(a, b)
+    # A flat folder whose subject lacks its label elsewhere: reported by name.
+    (tmp_path / "b/train25_myops_gd/myops_training_101_gd.nii.gz").unlink()
+    s = preprocess.preprocess(MYOPS, tmp_path / "b", tmp_path / "oc")
+    assert s.failed == {"myops_training_101": "no label file myops_training_101_gd.nii(.gz)"}
 
 
 def test_synthetic_brats_contrasts():
