@@ -69,6 +69,13 @@ def test_save_keeps_reference_header(tmp_path):
     assert got.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(got.dataobj), lab)  # the slope is not applied
     np.testing.assert_array_equal(got.affine, want.affine)
+    # Another grid (e.g. the preprocessed one): its affine in both forms, the codes kept.
+    grid = AFFINE @ np.diag([2.0, 2.0, 2.0, 1.0])
+    nifti.save(tmp_path / "grid.nii.gz", lab[::2, ::2, ::2], grid, reference=ref)
+    g = nib.load(tmp_path / "grid.nii.gz")
+    np.testing.assert_allclose(g.affine, grid, atol=1e-6)
+    np.testing.assert_allclose(g.header.get_qform(), grid, atol=1e-5)
+    assert int(g.header["qform_code"]) == 4 and int(g.header["sform_code"]) == 2
     # Without a reference the old behaviour: codes 1.
     nifti.save(tmp_path / "plain.nii.gz", lab, AFFINE)
     plain = nib.load(tmp_path / "plain.nii.gz").header
@@ -372,3 +379,19 @@ def test_myops_zoom_in_plane(tmp_path):
     slices = [np.load(tmp_path / f"one/seg/{n}_seg.npy") for n in meta["outputs"]]
     back = preprocess.to_original(np.concatenate(slices, axis=2), meta, raw_labels=True)
     np.testing.assert_array_equal(back, raw)
+
+
+def test_config_fields_reach_preprocessing(tmp_path):
+    from configs import dmaf_brats2020
+    from dmaf_jax import dataset
+
+    cfg = dmaf_brats2020.get_config("smoke")
+    assert cfg.data.zoom == 1.0 and cfg.data.brain_box == "ours"
+    cfg.data.zoom, cfg.data.brain_box = 0.5, "original"
+    prep = dataset.prepare(cfg, tmp_path)
+    metas = sorted((prep.root / "meta").glob("*.json"))
+    assert len(metas) == cfg.data.synthetic_cases
+    meta = json.loads(metas[0].read_text())
+    assert meta["settings"] == {"min_size": 32, "zoom": 0.5, "brain_box": "original"}
+    seg = np.load(prep.root / "seg" / f"{meta['name']}_seg.npy")
+    assert list(seg.shape) == meta["shape"] and meta["shape"] != meta["cropped_shape"]

@@ -238,4 +238,12 @@ def test_invalid_config_fails_before_any_work(tmp_path):
     cfg.data.missing_rate = "mr24"
     with pytest.raises(ValueError, match="4 digits"):
         dataset.prepare(cfg, tmp_path)
+    cfg = dmaf_brats2020.get_config("smoke")
+    cfg.data.brain_box = "rfnet"
+    with pytest.raises(ValueError, match="data.brain_box must be ours or original"):
+        dataset.prepare(cfg, tmp_path)
+    cfg = dmaf_brats2020.get_config("smoke")
+    cfg.data.zoom = 0.0
+    with pytest.raises(ValueError, match="data.zoom must be positive"):
+        dataset.prepare(cfg, tmp_path)
     assert not (tmp_path / "raw").exists()
