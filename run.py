@@ -34,13 +34,10 @@ def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
     from famf_jax import evaluate, train
 
     if mode == "train":
-        results = train.train(cfg, workdir)
-        for r in results:
+        for k, r in enumerate(train.train(cfg, workdir)):
             b = r.best["f1_acc"]
-            print(
-                f"fold {r.fold}: best F1+Acc checkpoint step {b['step']} {b['metrics']} "
-                f"({r.seconds:.0f} s)"
-            )
+            shown = {c: b["metrics"][c] for c in r.best} if b["metrics"] else None
+            print(f"fold {k}: best F1+Acc checkpoint step {b['step']} {shown} ({r.seconds:.0f} s)")
     elif mode == "evaluate":
         result = evaluate.evaluate(cfg, workdir)
         t = result["test"]

@@ -50,6 +50,27 @@ class MetricWriter:
                 if isinstance(v, int | float) and v is not None:
                     self._tb.add_scalar(k, v, int(step))
 
+    def drop_after(self, step: int) -> int:
+        """Removes the JSONL rows with a step beyond `step` (a resumed run logs those steps
+        again) and a line torn by a kill; returns how many. TensorBoard's event files are
+        append-only: they keep the re-run steps twice."""
+        if not self.path.exists():
+            return 0
+        rows = []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append({"step": math.inf})  # torn write: dropped below
+        keep = [r for r in rows if r["step"] <= step]
+        if len(keep) < len(rows):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            tmp.replace(self.path)
+        return len(rows) - len(keep)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

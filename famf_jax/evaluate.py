@@ -21,7 +21,7 @@ from common import viz
 from common.loader import iterate
 from common.logging import read_jsonl
 from famf_jax import dataset, inference, pipeline
-from famf_jax.train import (
+from famf_jax.experiment import (
     fold_dir,
     image_config,
     predict_records,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from famf_jax import convert, rdo
-from famf_jax.train import checkpointer, create_state
+from famf_jax.experiment import checkpointer, create_state
 
 
 def import_checkpoint(cfg, workdir: str | pathlib.Path) -> pathlib.Path:

@@ -86,7 +86,7 @@ def test_dqn_import(rng):
 
 def test_import_torch_mode_writes_a_restorable_checkpoint(tmp_path, rng, monkeypatch):
     from configs import famf as famf_config
-    from famf_jax import import_torch, rdo, train
+    from famf_jax import experiment, import_torch, rdo
 
     sd = fake_state_dict("OursNet", rng)
     dqn = fake_state_dict("DQN", rng)
@@ -95,14 +95,14 @@ def test_import_torch_mode_writes_a_restorable_checkpoint(tmp_path, rng, monkeyp
     cfg.import_path, cfg.import_dqn_path = "net.pth", "dqn.pth"
     cfg.train.batch_size = 4  # the DQN of the keys file takes B + 2 = 6 inputs
     import_torch.import_checkpoint(cfg, tmp_path)
-    variables, meta = train.restore_for_eval(cfg, tmp_path, 0)
+    variables, meta = experiment.restore_for_eval(cfg, tmp_path, 0)
     assert meta["imported_from"] == "net.pth"
     np.testing.assert_array_equal(
         variables["params"]["fire4_2"]["squeeze"]["conv"]["kernel"],
         sd["fire4_2.squeeze.0.weight"].transpose(2, 3, 1, 0),
     )
-    ckpt = train.checkpointer(tmp_path, 0, read_only=True)
-    template, _ = train.create_state(cfg, 1)
+    ckpt = experiment.checkpointer(tmp_path, 0, read_only=True)
+    template, _ = experiment.create_state(cfg, 1)
     state, _ = ckpt.restore(0, template)
     q = rdo.find_state(state.opt_state).q_params
     np.testing.assert_array_equal(q["fc_0"]["kernel"], dqn["fc.0.weight"].T)

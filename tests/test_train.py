@@ -11,7 +11,7 @@ import pytest
 
 from configs import famf as famf_config
 from conftest import REPO
-from famf_jax import train
+from famf_jax import experiment, train
 
 
 def smoke(**overrides):
@@ -87,9 +87,9 @@ def test_run_py_rejects_bad_input(tmp_path):
 
 
 def final_params(workdir):
-    ckpt = train.checkpointer(workdir, 0, read_only=True)
+    ckpt = experiment.checkpointer(workdir, 0, read_only=True)
     step = ckpt.latest_step()
-    template, _ = train.create_state(smoke(), 1)
+    template, _ = experiment.create_state(smoke(), 1)
     state, meta = ckpt.restore(step, template)
     ckpt.close()
     return step, state
@@ -110,7 +110,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
 
 def test_train_step_has_no_host_transfer():
     cfg = smoke()
-    state, tx = train.create_state(cfg, 5)
+    state, tx = experiment.create_state(cfg, 5)
     step = train.jit_train_step(cfg, tx)
     shape = (cfg.train.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
     key = jax.random.key(0)

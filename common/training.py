@@ -1,0 +1,269 @@
+"""The one training loop both models use: resume, batched metric fetches, progress, evaluation
+cadence, best-checkpoint bookkeeping and the training summary.
+
+A model hands `train_loop` its initial state, a step function and a Grain iterator; everything
+that is not about the model happens here, once:
+
+    state, result = train_loop(
+        state, step_fn, data_iterator,
+        workdir=fold_dir,                 # metrics.jsonl, train_summary.json
+        checkpointer=Checkpointer(fold_dir / "checkpoints", best_metrics=("dice",)),
+        steps_per_epoch=spe, epochs=300,
+        to_device=device_batch,           # host batch -> device batch
+        evaluate=validate,                # (state, epoch) -> {"dice": 0.8, ...} | None, or None
+        eval_every=10, checkpoint_every=1, log_every=20,
+        meta={"config": cfg.to_dict()},   # or epoch -> dict; JSON saved with each checkpoint
+        epoch_metrics=train_metrics,      # host rows of an epoch -> {"train/acc": ...}
+        log_exclude=("counts",), vector_labels={"beta": ("t1", "t1ce", "t2", "flair")},
+        postfix_keys=("beta",), desc="train",
+    )
+
+What the model provides:
+
+- `state`: a pytree with an int array `step` (attribute or key) counting completed steps; on
+  start it is the template the latest checkpoint is restored into, so its structure must match.
+- `step_fn(state, batch, step) -> (state, outputs)`: `step` is the Python int of the global
+  step (0-based; epoch = step // steps_per_epoch), from which the model derives its flags and
+  static arguments. It returns the new state (with `step` incremented) and a flat dict of device
+  arrays, at least a 0-d `loss`. Typically a closure around a `jax.jit`-compiled function.
+- `data`: a Grain iterator (`iter(grain.IterDataset)`) yielding at least
+  `epochs * steps_per_epoch` batches; its position is saved with every checkpoint.
+- `checkpointer`: a `common.checkpoint.Checkpointer`; its `best_metrics` are the criteria of
+  the best-N bookkeeping and of the summary. The caller closes it.
+
+What the loop does:
+
+- Resume: restores the latest checkpoint (state and iterator position) and continues at
+  `int(state.step)`; rows of `metrics.jsonl` with a step beyond it are dropped first, so steps
+  run again after a crash are logged once (a line torn by a kill too). A run killed at any
+  point and restarted ends with the same state, bit for bit, as an uninterrupted one, given a
+  deterministic Grain pipeline and a step that derives its randomness from the state or the
+  step number.
+- Per-step outputs stay on the device; every `log_every` steps and at each epoch's end the
+  pending ones are fetched with one `jax.device_get` and written, one row per step at the step
+  count after it (`step + 1`) with the 0-based `epoch`: 0-d arrays as scalars, 1-d arrays as
+  `key/<label>` (labels from `vector_labels`, else the index), keys in `log_exclude` not at all;
+  higher ranks must be excluded. At each epoch's end one more row at the same step holds
+  `train/loss` (the epoch's mean) and whatever `epoch_metrics(rows)` returns, where `rows` are
+  the epoch's host rows with every key (excluded ones too) as numpy arrays.
+- A progress bar with the epoch's mean loss, the epoch, the ETA and the last values of
+  `postfix_keys`.
+- At the end of every `eval_every`-th epoch and of the last one, `evaluate(state, epoch)`
+  (epoch = epochs completed, 1-based) gives a flat dict of numbers, written as `valid/<key>`
+  (NaN and infinities as null, ranked last) and saved with a checkpoint taken there for the
+  best-N bookkeeping. With `evaluate=None`, or when it returns None, nothing is logged and
+  checkpoints carry `metrics: None`. Every `checkpoint_every`-th epoch (0: never) a checkpoint
+  is saved for resume without evaluation; the last step is always saved. Each checkpoint's
+  meta is `meta` (or `meta(epoch)`) plus `epoch`, `step` and `metrics`.
+- Returns the final state and a `TrainResult`, also written to `<workdir>/train_summary.json`:
+  per criterion the best step and its metrics, the latest checkpoint's step, epoch and metrics,
+  and the seconds this call took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from common.checkpoint import Checkpointer
+from common.logging import MetricWriter, progress
+
+StepFn = Callable[[Any, Any, int], tuple[Any, dict[str, jax.Array]]]
+EvalFn = Callable[[Any, int], Mapping[str, float] | None]
+EpochMetricsFn = Callable[[list[dict[str, np.ndarray]]], Mapping[str, float]]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    best: dict[str, dict]  # criterion -> {"step": int | None, "metrics": dict | None}
+    last: dict  # {"step", "epoch", "metrics"} of the latest checkpoint
+    seconds: float  # wall time of this call (a resumed run counts its own part)
+
+
+def _step_of(state) -> int:
+    return int(state["step"] if isinstance(state, Mapping) else state.step)
+
+
+def _to_host(pending: list[dict]) -> list[dict]:
+    """One transfer for all pending steps (a sync per step would stall the device)."""
+    return jax.device_get(pending)
+
+
+def _plain_metric(v: float) -> float | int | None:
+    """JSON-safe: NaN and infinities become None (the best-N getter ranks them last)."""
+    if isinstance(v, int | np.integer) and not isinstance(v, bool):
+        return int(v)
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+class _StepLog:
+    """Pending device outputs, flushed to the writer; the epoch's host rows for its metrics."""
+
+    def __init__(
+        self,
+        writer: MetricWriter,
+        exclude: Collection[str],
+        vector_labels: Mapping[str, Sequence[str]],
+    ):
+        self.writer, self.exclude, self.labels = writer, set(exclude), vector_labels
+        self.pending: list[dict] = []
+        self.epoch_rows: list[dict[str, np.ndarray]] = []
+
+    def epoch_loss(self) -> float:
+        losses = [float(r["loss"]) for r in self.epoch_rows]
+        return float(np.mean(losses)) if losses else math.nan
+
+    def _scalars(self, row: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = {}
+        for key, value in row.items():
+            if key in self.exclude:
+                continue
+            v = np.asarray(value)
+            if v.ndim == 0:
+                out[key] = v.item()
+            elif v.ndim == 1:
+                labels = self.labels.get(key, range(len(v)))
+                if len(labels) != len(v):
+                    raise ValueError(f"{len(labels)} vector_labels for {key!r} of length {len(v)}")
+                out.update({f"{key}/{lab}": x.item() for lab, x in zip(labels, v)})
+            else:
+                raise ValueError(f"step output {key!r} has shape {v.shape}: add it to log_exclude")
+        return out
+
+    def flush(self, step: int, epoch: int) -> dict[str, np.ndarray]:
+        """Writes the pending steps, the last of which ends at `step`; returns the last row."""
+        rows = _to_host(self.pending)
+        self.pending = []
+        for k, row in enumerate(rows):
+            self.writer.write(step - len(rows) + k + 1, dict(self._scalars(row), epoch=epoch))
+        self.epoch_rows += rows
+        return rows[-1] if rows else {}
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _postfix(row: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for key in keys:
+        if key in row:
+            v = np.atleast_1d(np.asarray(row[key], np.float64))
+            out[key] = ",".join(f"{x:.3g}" for x in v)
+    return out
+
+
+def summarise(checkpointer: Checkpointer) -> tuple[dict, dict]:
+    """(best per criterion, last) from the retained checkpoints' meta."""
+    best = {}
+    for c in checkpointer.best_metrics:
+        s = checkpointer.best_step(c)
+        best[c] = {"step": s, "metrics": checkpointer.meta(s)["metrics"] if s is not None else None}
+    s = checkpointer.latest_step()
+    m = checkpointer.meta(s) if s is not None else {}
+    last = {"step": s, "epoch": m.get("epoch"), "metrics": m.get("metrics")}
+    return best, last
+
+
+def train_loop(
+    state: Any,
+    step_fn: StepFn,
+    data: Iterator,
+    *,
+    workdir: str | pathlib.Path,
+    checkpointer: Checkpointer,
+    steps_per_epoch: int,
+    epochs: int,
+    to_device: Callable[[Any], Any] = jax.device_put,
+    evaluate: EvalFn | None = None,
+    eval_every: int = 1,
+    checkpoint_every: int = 0,
+    log_every: int = 10,
+    meta: Mapping[str, Any] | Callable[[int], Mapping[str, Any]] | None = None,
+    epoch_metrics: EpochMetricsFn | None = None,
+    log_exclude: Collection[str] = (),
+    vector_labels: Mapping[str, Sequence[str]] | None = None,
+    postfix_keys: Sequence[str] = (),
+    desc: str = "train",
+) -> tuple[Any, TrainResult]:
+    """Trains `state` to `epochs * steps_per_epoch` steps; returns (final state, summary).
+
+    See the module docstring for what each argument must be and what the loop does."""
+    if steps_per_epoch < 1 or epochs < 1 or eval_every < 1 or log_every < 1:
+        raise ValueError("steps_per_epoch, epochs, eval_every and log_every must be >= 1")
+    t0 = time.time()
+    workdir = pathlib.Path(workdir)
+    total = steps_per_epoch * epochs
+    writer = MetricWriter(workdir)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, saved = checkpointer.restore(latest, state, data_iterator=data)
+        state = jax.tree_util.tree_map(jnp.asarray, state)
+        logging.info("%s: resumed at step %d (epoch %s)", desc, latest, saved.get("epoch"))
+    start = _step_of(state)
+    dropped = writer.drop_after(start)
+    if dropped:
+        logging.info("%s: dropped %d metric rows after step %d", desc, dropped, start)
+    log = _StepLog(writer, log_exclude, vector_labels or {})
+    bar = progress(total=total, initial=start, desc=desc)
+    for step in range(start, total):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        try:
+            batch = next(data)
+        except StopIteration:
+            raise RuntimeError(
+                f"{desc}: data ended at step {step}; it must yield {total} batches"
+            ) from None
+        state, out = step_fn(state, to_device(batch), step)
+        log.pending.append(out)
+        bar.update(1)
+        end_of_epoch = in_epoch == steps_per_epoch - 1
+        if len(log.pending) < log_every and not end_of_epoch:
+            continue
+        last_row = log.flush(step + 1, epoch)
+        loss = log.epoch_loss()
+        bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, **_postfix(last_row, postfix_keys))
+        if not end_of_epoch:
+            continue
+        train_row = {"train/loss": loss}
+        if epoch_metrics is not None:
+            train_row.update(epoch_metrics(log.epoch_rows))
+        writer.write(step + 1, train_row)
+        log.epoch_rows = []
+        done = epoch + 1
+        last = step + 1 == total
+        metrics = None
+        if evaluate is not None and (done % eval_every == 0 or last):
+            metrics = evaluate(state, done)
+            if metrics is not None:
+                metrics = {k: _plain_metric(v) for k, v in metrics.items()}
+                writer.write(step + 1, {f"valid/{k}": v for k, v in metrics.items()})
+                shown = checkpointer.best_metrics or tuple(metrics)
+                logging.info(
+                    "%s epoch %d: train loss %.4f, %s",
+                    desc,
+                    done,
+                    loss,
+                    ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in shown),
+                )
+        if metrics is not None or last or (checkpoint_every and done % checkpoint_every == 0):
+            m = dict(meta(done) if callable(meta) else (meta or {}))
+            m.update(epoch=done, step=step + 1, metrics=metrics)
+            checkpointer.save(step + 1, state, m, data_iterator=data, metrics=metrics)
+    bar.close()
+    writer.close()
+    best, last_ckpt = summarise(checkpointer)
+    result = TrainResult(best, last_ckpt, time.time() - t0)
+    (workdir / "train_summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
+    return state, result
