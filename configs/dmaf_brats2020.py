@@ -5,7 +5,7 @@ when the preprocessed names match), 80^3 crops, fixed per-case masks. Demo: 6 sy
 the real raw layout, generated and preprocessed on first use. Smoke: small volumes, for tests.
 """
 
-from configs.dmaf_common import base_config
+from configs.dmaf_common import base_config, smoke_model
 
 
 def get_config(variant: str = "paper"):
@@ -17,7 +17,8 @@ def get_config(variant: str = "paper"):
         c.data.synthetic_cases = 6
         c.data.synthetic_shape = (40, 44, 36)
         c.data.min_size = 32
-        c.data.crop = (24, 24, 24)
+        c.data.crop = (32, 32, 32)
         c.data.batch_size = 2
         c.data.preprocess_workers = 1
+        smoke_model(c)
     return c

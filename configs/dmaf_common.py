@@ -39,4 +39,59 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     d.preprocess_workers = 2  # processes for preprocessing cases
     d.synthetic_cases = 0  # > 0: generate raw data when data.raw_dir and data.root are empty
     d.synthetic_shape = (240, 240, 155)
+
+    c.faithful = False  # PASSION's eta 0.015 from epoch 0, HD95 1.0 for one empty mask, pooled loss
+
+    c.model = m = config_dict.ConfigDict()
+    m.channels = (8, 16, 32, 64, 128)  # per level; the crop must divide by 2^(levels-1)
+    m.fusion = "dmaf"  # dmaf | mean (ablation: mean of the present modalities' features)
+    m.token_dim = 128  # DMAF token width
+    m.heads = 8  # DMAF attention heads
+    m.depth = 4  # DMAF transformer layers per level
+    m.mlp = 512  # DMAF MLP width
+    m.dropout = 0.1  # DMAF MLP and residual dropout (training only)
+    m.bfloat16 = False  # bfloat16 compute, float32 parameters and losses
+
+    c.train = t = config_dict.ConfigDict()
+    t.epochs = 300
+    t.learning_rate = 2e-4  # poly per epoch: lr (1 - epoch / epochs)^0.9
+    t.weight_decay = 1e-4  # decoupled, on every parameter
+    t.lambda_cov = 0.1  # CCA weight (0 disables the term in the loss; the gap still sees it)
+    t.lambda_att = 0.1  # masked attention alignment weight
+    t.lambda_proto = 0.1  # prototype distillation weight
+    t.distill_ramp_epochs = 20  # the distillation weights ramp from 0 over these epochs
+    t.eval_every = 10  # epochs between validations (all modalities, sliding windows)
+    t.checkpoint_every = 1  # epochs between checkpoints for resume
+    t.log_every = 50  # steps between metric flushes
+    t.select = "best"  # best (validation Dice) | last (the spec's "test the last epoch")
+
+    c.dtms = x = config_dict.ConfigDict()
+    x.reweight = True  # beta per modality from the epoch's relative gaps (ablation: False)
+    x.scale = True  # per-encoder update factor k (ablation: False)
+    x.freeze_epochs = 20  # beta and k stay at 1 before this epoch closes
+    x.k_ramp = (20, 30)  # epochs over which k's reduction ramps from 0 to full
+    x.k_min = 0.5
+    x.mu = 0.99  # EMA of each distillation term (normaliser of the gaps)
+
+    c.eval = e = config_dict.ConfigDict()
+    e.windows_per_call = 2  # sliding windows per jitted call (the last call is padded)
+    e.overlap = 0.5
+    e.checkpoint = config_dict.placeholder(int)  # a step; default: the chosen checkpoint
+    e.combinations = config_dict.placeholder(str)  # e.g. "flair,flair+t1ce+t1+t2"; default all
+    e.hd95_empty = "brats"  # brats (373.13 mm when one mask is empty) | passion (1.0)
     return c
+
+
+def smoke_model(c: config_dict.ConfigDict) -> None:
+    """A narrow network and a few short epochs: the same code paths in seconds (tests)."""
+    c.model.channels = (4, 8, 16, 32, 32)
+    c.model.token_dim = 32
+    c.model.heads = 4
+    c.model.depth = 2
+    c.model.mlp = 64
+    c.train.epochs = 2
+    c.train.eval_every = 1
+    c.train.log_every = 2
+    c.train.distill_ramp_epochs = 1
+    c.dtms.freeze_epochs = 1
+    c.dtms.k_ramp = (1, 2)

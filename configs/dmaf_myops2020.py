@@ -4,7 +4,7 @@ Paper: the 80/22-slice split and the 357 long-tail CSV shipped in dmaf_jax/data/
 2-D slices centre-cropped to 256 x 256. Demo/smoke: synthetic cases in the raw layout.
 """
 
-from configs.dmaf_common import base_config
+from configs.dmaf_common import base_config, smoke_model
 
 
 def get_config(variant: str = "paper"):
@@ -22,4 +22,5 @@ def get_config(variant: str = "paper"):
         c.data.crop = (32, 32, 1)
         c.data.batch_size = 2
         c.data.preprocess_workers = 1
+        smoke_model(c)
     return c

@@ -1,0 +1,133 @@
+"""DMAF-Net's building blocks, written once for any spatial rank (spec 2.2, 10.10, 11.15, 11.17).
+
+Arrays are channels-last, (B, *S, C) with len(S) = 2 (MyoPS slices) or 3 (BraTS volumes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common.conv import Conv
+
+LEAKY_SLOPE = 0.2
+IN_EPS = 1e-5
+
+
+def instance_norm(x: jax.Array) -> jax.Array:
+    """Non-affine instance norm over the spatial axes of (B, *S, C), statistics in float32
+    (`(x - mu) * rsqrt(var + 1e-5)`, section 11.15). An all-zero map stays zero."""
+    axes = tuple(range(1, x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axes, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axes, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + IN_EPS)).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) linear interpolation with align_corners=True (PyTorch's convention)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    if n_in == 1 or n_out == 1:
+        m[:, 0] = 1.0
+        return m
+    pos = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+    lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
+    frac = pos - lo
+    m[np.arange(n_out), lo] = 1 - frac
+    m[np.arange(n_out), lo + 1] += frac
+    return m
+
+
+def resize_align_corners(x: jax.Array, size) -> jax.Array:
+    """Linear (bi-/trilinear) resize of (B, *S, C) to spatial `size`, align_corners=True.
+
+    `jax.image.resize` uses half-pixel centres, so this applies one interpolation matrix per
+    axis (section 10.10)."""
+    for axis, n_out in enumerate(size, start=1):
+        n_in = x.shape[axis]
+        if n_in == n_out:
+            continue
+        m = jnp.asarray(_interp_matrix(n_in, n_out), x.dtype)
+        x = jnp.moveaxis(jnp.tensordot(m, x, axes=([1], [axis])), 0, axis)
+    return x
+
+
+def upsample(x: jax.Array, factor: int) -> jax.Array:
+    """Upsample every spatial axis of (B, *S, C) by `factor` (align_corners=True)."""
+    return resize_align_corners(x, tuple(s * factor for s in x.shape[1:-1]))
+
+
+def avg_pool(x: jax.Array, factor: int) -> jax.Array:
+    """Non-overlapping average pooling of (B, *S, C) by `factor` on every spatial axis
+    (adaptive pooling to S / factor when S divides, as a reshape-mean)."""
+    if factor == 1:
+        return x
+    b, *s, c = x.shape
+    shape = [b]
+    for n in s:
+        shape += [n // factor, factor]
+    x = x.reshape(*shape, c)
+    return x.mean(axis=tuple(range(2, 2 * len(s) + 1, 2)))
+
+
+class PreNormConv(nn.Module):
+    """InstanceNorm -> LeakyReLU(0.2) -> Conv (reflect padding, bias): `general_conv3d_prenorm`."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.leaky_relu(instance_norm(x), LEAKY_SLOPE)
+        return Conv(self.features, self.kernel_size, self.stride, dtype=self.dtype, name="conv")(
+            x
+        )
+
+
+def head_conv(features: int, name: str | None = None, dtype=None) -> Conv:
+    """A 1x1 output convolution (segmentation heads)."""
+    return Conv(features, 1, dtype=dtype, name=name)
+
+
+def xavier_dense(features: int, name: str | None = None, **kw) -> nn.Dense:
+    """Dense with xavier_uniform weights and zero bias (section 11.17)."""
+    return nn.Dense(
+        features,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros,
+        name=name,
+        **kw,
+    )
+
+
+def num_levels(channels) -> int:
+    return len(channels)
+
+
+def bottleneck_grid(crop, levels: int) -> tuple[int, ...]:
+    """Spatial size of the deepest level for a crop (axes of size 1 stay 1)."""
+    f = 2 ** (levels - 1)
+    return tuple(1 if c == 1 else c // f for c in crop)
+
+
+def check_crop(crop, levels: int) -> None:
+    """Crops divisible by 2^(levels-1) with a bottleneck of at least 2 (section 11.1)."""
+    f = 2 ** (levels - 1)
+    for c in crop:
+        if c != 1 and (c % f or c // f < 2):
+            raise ValueError(
+                f"crop {tuple(crop)}: every axis must be a multiple of {f} with a bottleneck of at "
+                f"least 2 (at least {2 * f})"
+            )
+
+
+def fan_in_std(shape) -> float:
+    return math.sqrt(2.0 / np.prod(shape[:-1]))
