@@ -6,7 +6,6 @@ Arrays are channels-last, (B, *S, C) with len(S) = 2 (MyoPS slices) or 3 (BraTS 
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -29,7 +28,7 @@ def instance_norm(x: jax.Array) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + IN_EPS)).astype(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) linear interpolation with align_corners=True (PyTorch's convention)."""
     m = np.zeros((n_out, n_in), np.float32)
@@ -87,9 +86,7 @@ class PreNormConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.leaky_relu(instance_norm(x), LEAKY_SLOPE)
-        return Conv(self.features, self.kernel_size, self.stride, dtype=self.dtype, name="conv")(
-            x
-        )
+        return Conv(self.features, self.kernel_size, self.stride, dtype=self.dtype, name="conv")(x)
 
 
 def head_conv(features: int, name: str | None = None, dtype=None) -> Conv:
@@ -108,10 +105,6 @@ def xavier_dense(features: int, name: str | None = None, **kw) -> nn.Dense:
     )
 
 
-def num_levels(channels) -> int:
-    return len(channels)
-
-
 def bottleneck_grid(crop, levels: int) -> tuple[int, ...]:
     """Spatial size of the deepest level for a crop (axes of size 1 stay 1)."""
     f = 2 ** (levels - 1)
@@ -127,7 +120,3 @@ def check_crop(crop, levels: int) -> None:
                 f"crop {tuple(crop)}: every axis must be a multiple of {f} with a bottleneck of at "
                 f"least 2 (at least {2 * f})"
             )
-
-
-def fan_in_std(shape) -> float:
-    return math.sqrt(2.0 / np.prod(shape[:-1]))
