@@ -111,9 +111,7 @@ def checkpoint_dir(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def checkpointer(workdir: pathlib.Path, read_only: bool = False) -> Checkpointer:
-    return Checkpointer(
-        checkpoint_dir(workdir), best_metrics=(SELECT_METRIC,), read_only=read_only
-    )
+    return Checkpointer(checkpoint_dir(workdir), best_metrics=(SELECT_METRIC,), read_only=read_only)
 
 
 def chosen_step(cfg, ckpt: Checkpointer) -> int | None:

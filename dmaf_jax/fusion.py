@@ -103,9 +103,7 @@ class DMAF(nn.Module):
         bcast = present.reshape(b, m, *([1] * len(s)))
         logits = jnp.where(bcast, logits, NEG)
         weights = jax.nn.softmax(logits, axis=1)  # (B, M, *S), 0 where missing
-        fused = jnp.einsum(
-            "bm...,bm...c->b...c", weights.astype(z.dtype), z.reshape(b, m, *s, c)
-        )
+        fused = jnp.einsum("bm...,bm...c->b...c", weights.astype(z.dtype), z.reshape(b, m, *s, c))
         return fused, weights
 
 

@@ -52,9 +52,7 @@ def train_step(cfg, tx, spe: int, weights: jax.Array, state: TrainState, batch: 
     onehot = jax.nn.one_hot(batch["label"], spec.num_classes, dtype=jnp.float32)
 
     def loss_fn(params):
-        out = net.apply(
-            {"params": params}, batch["image"], mask, train=True, rngs={"dropout": key}
-        )
+        out = net.apply({"params": params}, batch["image"], mask, train=True, rngs={"dropout": key})
         loss, terms, gaps, valid = losses.objective(
             out,
             onehot,
