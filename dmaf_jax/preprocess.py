@@ -31,6 +31,12 @@ a prediction back into the raw geometry.
 
 Cases run in parallel worker processes; every bad case is reported by name with its reason at
 the end instead of stopping the run.
+
+`preprocess(..., for_prediction=True)` takes new cases to predict (`--mode=predict`): any
+non-empty subset of the modality files (a missing one becomes a zero channel, recorded in the
+metadata's `present`), labels ignored (a zero label array is written so the layout stays the
+same), and the input files' sizes and times in the recorded settings, so changed inputs are
+done again.
 """
 
 from __future__ import annotations
@@ -182,13 +188,16 @@ def discover(spec: DatasetSpec, raw_dir: str | pathlib.Path) -> list[RawCase]:
     return cases
 
 
-def _load_case(case: RawCase, spec: DatasetSpec):
+def _load_case(case: RawCase, spec: DatasetSpec, for_prediction: bool = False):
     missing = [s for s in spec.file_suffixes if s not in case.images]
-    if missing:
+    if for_prediction:  # missing modalities are zero channels; no label is read
+        if len(missing) == len(spec.file_suffixes):
+            raise CaseError("no modality file")
+    elif missing:
         raise CaseError(f"missing modality file(s): {', '.join(missing)}")
-    if case.label is None:
+    elif case.label is None:
         raise CaseError(f"no label file {case.name}_{spec.label_suffix}.nii(.gz)")
-    images = [case.images[s] for s in spec.file_suffixes]
+    images = [case.images[s] for s in spec.file_suffixes if s in case.images]
     vols, affine, header = [], None, None
     for p in images:
         data, a, h = nifti.load(p)
@@ -201,6 +210,13 @@ def _load_case(case: RawCase, spec: DatasetSpec):
         if not np.isfinite(data).all():
             raise CaseError(f"{p.name} holds NaN or infinite values")
         vols.append(data)
+    if for_prediction:
+        present = iter(vols)
+        vols = [
+            next(present) if s in case.images else np.zeros(shape, np.float32)
+            for s in spec.file_suffixes
+        ]
+        return np.stack(vols, axis=-1), np.zeros(shape, np.uint8), affine, header
     seg, a, _ = nifti.load(case.label, np.float64)
     if seg.shape != shape:
         raise CaseError(f"label shape {seg.shape} differs from image shape {shape}")
@@ -264,10 +280,11 @@ def apply_box(x: np.ndarray, box) -> np.ndarray:
     return np.pad(x, pads) if any(p or q for p, q in pads) else x
 
 
-def zscore(vol: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """Per channel (x - mean(x[brain])) / std(x[brain]) over the whole volume."""
-    out = np.empty_like(vol, dtype=np.float32)
-    for k in range(vol.shape[-1]):
+def zscore(vol: np.ndarray, brain: np.ndarray, channels: Sequence[int] | None = None) -> np.ndarray:
+    """Per channel (x - mean(x[brain])) / std(x[brain]) over the whole volume; only `channels`
+    (default all), the others are zero (missing modalities)."""
+    out = np.zeros_like(vol, dtype=np.float32)
+    for k in range(vol.shape[-1]) if channels is None else channels:
         v = vol[..., k][brain]
         std = float(v.std())
         if std == 0:
@@ -424,20 +441,39 @@ def _write(out_root: pathlib.Path, name: str, vol: np.ndarray, seg: np.ndarray) 
         os.replace(tmp, path)
 
 
-def _case_meta(case: RawCase, spec: DatasetSpec, affine, header, settings: Settings) -> dict:
+def _present_channels(case: RawCase, spec: DatasetSpec) -> list[int]:
+    return [k for k, s in enumerate(spec.file_suffixes) if s in case.images]
+
+
+def _record(case: RawCase, spec: DatasetSpec, settings: Settings, for_prediction: bool) -> dict:
+    """The recorded settings; for prediction also the inputs (a changed file is done again)."""
+    record = settings.record(spec)
+    if for_prediction:
+        record["inputs"] = {
+            s: [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+            for s, p in case.images.items()
+        }
+    return record
+
+
+def _case_meta(
+    case: RawCase, spec: DatasetSpec, affine, header, settings: Settings, for_prediction=False
+) -> dict:
     """What is needed to put a prediction back into the case's original geometry."""
+    first = next(s for s in spec.file_suffixes if s in case.images)
     return {
         "case": case.name,
         "modalities": list(spec.modalities),
         "original_shape": header["shape"],
         "affine": np.asarray(affine).tolist(),
         "header": header,
-        "reference": str(case.images[spec.file_suffixes[0]].resolve()),
+        "reference": str(case.images[first].resolve()),
         "raw_files": {s: str(p.resolve()) for s, p in case.images.items()},
-        "label_file": str(case.label.resolve()),
+        "label_file": None if for_prediction else str(case.label.resolve()),
         "label_map": {str(k): v for k, v in spec.label_map.items()},
         "note": case.note,
-        "settings": settings.record(spec),
+        "settings": _record(case, spec, settings, for_prediction),
+        "present": [s in case.images for s in spec.file_suffixes],  # per modality
     }
 
 
@@ -462,13 +498,15 @@ def _geometry(vol, seg, box, affine, settings: Settings, axes):
     return vol, seg, geometry
 
 
-def preprocess_brats_case(case: RawCase, out_root: pathlib.Path, settings: Settings) -> CaseResult:
+def preprocess_brats_case(
+    case: RawCase, out_root: pathlib.Path, settings: Settings, for_prediction: bool = False
+) -> CaseResult:
     name = brats_prefix(case.name) + case.name
     meta_path = out_root / "meta" / f"{name}.json"
-    if _done(out_root, meta_path, settings.record(BRATS)):
+    if _done(out_root, meta_path, _record(case, BRATS, settings, for_prediction)):
         return CaseResult(case.name, [name], skipped=True)
     meta_path.unlink(missing_ok=True)  # outputs are rewritten below: not complete until then
-    vol, seg, affine, header = _load_case(case, BRATS)
+    vol, seg, affine, header = _load_case(case, BRATS, for_prediction)
     if settings.brain_box == "original":
         nonzero = vol.max(axis=-1) != 0
         box_fn = crop_box_original
@@ -480,27 +518,29 @@ def preprocess_brats_case(case: RawCase, out_root: pathlib.Path, settings: Setti
     box = box_fn(nonzero, settings.min_size)
     vol, seg = apply_box(vol, box), apply_box(seg, box)
     vol, seg, geometry = _geometry(vol, seg, box, affine, settings, (0, 1, 2))
-    vol = zscore(vol, vol.sum(axis=-1) > 0)
+    vol = zscore(vol, vol.sum(axis=-1) > 0, _present_channels(case, BRATS))
     _write(out_root, name, vol.astype(np.float32), seg.astype(np.uint8))
-    meta = _case_meta(case, BRATS, affine, header, settings)
+    meta = _case_meta(case, BRATS, affine, header, settings, for_prediction)
     meta.update(name=name, outputs=[name], **geometry)
     _write_json(meta_path, meta)
     return CaseResult(case.name, [name], note=case.note)
 
 
-def preprocess_myops_case(case: RawCase, out_root: pathlib.Path, settings: Settings) -> CaseResult:
+def preprocess_myops_case(
+    case: RawCase, out_root: pathlib.Path, settings: Settings, for_prediction: bool = False
+) -> CaseResult:
     meta_path = out_root / "meta" / f"{case.name}.json"
-    done = _done(out_root, meta_path, settings.record(MYOPS))
+    done = _done(out_root, meta_path, _record(case, MYOPS, settings, for_prediction))
     if done:
         return CaseResult(case.name, done["outputs"], skipped=True)
     meta_path.unlink(missing_ok=True)
-    vol, seg, affine, header = _load_case(case, MYOPS)
+    vol, seg, affine, header = _load_case(case, MYOPS, for_prediction)
     body = vol.sum(axis=-1) > 0
     if not body.any():
         raise CaseError("empty image: every voxel of every modality is zero")
     box = [(0, n, 0, 0) for n in seg.shape]  # MyoPS is not cropped
     vol, seg, geometry = _geometry(vol, seg, box, affine, settings, (0, 1))
-    vol = zscore(vol, vol.sum(axis=-1) > 0)
+    vol = zscore(vol, vol.sum(axis=-1) > 0, _present_channels(case, MYOPS))
     names = []
     for i in range(vol.shape[2]):
         name = f"{case.name}_slice_{i}"
@@ -511,7 +551,7 @@ def preprocess_myops_case(case: RawCase, out_root: pathlib.Path, settings: Setti
             seg[:, :, i : i + 1].astype(np.uint8),
         )
         names.append(name)
-    meta = _case_meta(case, MYOPS, affine, header, settings)
+    meta = _case_meta(case, MYOPS, affine, header, settings, for_prediction)
     meta.update(name=case.name, outputs=names, slices=names, **geometry)
     _write_json(meta_path, meta)
     return CaseResult(case.name, names, note=case.note)
@@ -521,9 +561,9 @@ CASE_FUNCTIONS = {"brats2020": preprocess_brats_case, "myops2020": preprocess_my
 
 
 def _run_case(args) -> CaseResult:
-    fn_name, case, out_root, settings = args
+    fn_name, case, out_root, settings, *for_prediction = args
     try:
-        return CASE_FUNCTIONS[fn_name](case, out_root, settings)
+        return CASE_FUNCTIONS[fn_name](case, out_root, settings, *for_prediction)
     except CaseError as e:
         return CaseResult(case.name, [], error=str(e))
     except Exception as e:  # a corrupt file surfaces as many kinds of errors
@@ -548,9 +588,11 @@ def preprocess(
     *,
     zoom: float = 1.0,
     brain_box: str = "ours",
+    for_prediction: bool = False,
 ) -> Summary:
     """Preprocess every case found under `raw_dir` (`discover`, any depth) into `out_root`;
-    a case already done with the same settings is skipped."""
+    a case already done with the same settings is skipped. `for_prediction`: cases without
+    labels and with missing modality files (module docstring)."""
     settings = Settings(int(min_size), float(zoom), brain_box)
     raw, out = pathlib.Path(raw_dir), pathlib.Path(out_root)
     if not raw.is_dir():
@@ -561,7 +603,7 @@ def preprocess(
         raise FileNotFoundError(f"no case files {pattern} anywhere under {raw}")
     for sub in ("vol", "seg", "meta"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(spec.name, c, out, settings) for c in cases]
+    jobs = [(spec.name, c, out, settings, for_prediction) for c in cases]
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds JAX threads
         with ctx.Pool(min(workers, len(jobs))) as pool:
