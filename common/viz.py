@@ -139,3 +139,102 @@ def segmentation_batch(
         axes[i, m].set_title("labels", fontsize=8)
         axes[i, m].axis("off")
     return _save(fig, path)
+
+
+# Colours of label values 1, 2, ... over a grey image (label 0 is transparent).
+LABEL_COLOURS = (
+    (0.95, 0.25, 0.2),
+    (0.2, 0.8, 0.3),
+    (1.0, 0.85, 0.1),
+    (0.25, 0.55, 1.0),
+    (0.85, 0.35, 0.9),
+    (0.1, 0.9, 0.9),
+)
+
+
+def _label_rgba(labels: np.ndarray, alpha: float) -> np.ndarray:
+    rgba = np.zeros((*labels.shape, 4), np.float32)
+    for value, colour in enumerate(LABEL_COLOURS, start=1):
+        rgba[labels == value] = (*colour, alpha)
+    return rgba
+
+
+def label_overlays(
+    image: np.ndarray,
+    panels: Sequence[tuple[str, np.ndarray]],
+    path,
+    class_names: dict[int, str],
+    ncols: int = 4,
+    transpose: bool = True,
+    title: str = "",
+) -> pathlib.Path:
+    """One grey `image` (H, W) under several label maps: panels of (title, labels (H, W) int).
+    `transpose` draws axis 0 horizontally (as `segmentation_batch`)."""
+    show = (lambda a: np.swapaxes(a, 0, 1)) if transpose else (lambda a: a)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(2.2 * ncols, 2.2 * nrows + 0.5), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, labels) in zip(axes.flat, panels):
+        ax.imshow(show(image), cmap="gray")
+        ax.imshow(show(_label_rgba(np.asarray(labels), 0.5)), interpolation="nearest")
+        ax.set_title(name, fontsize=7)
+    handles = [
+        matplotlib.patches.Patch(color=LABEL_COLOURS[v - 1], label=f"{v} {n}")
+        for v, n in sorted(class_names.items())
+        if 1 <= v <= len(LABEL_COLOURS)
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(pathlib.Path(path), dpi=110)
+    plt.close(fig)
+    return pathlib.Path(path)
+
+
+def attention_grid(
+    maps: np.ndarray,
+    row_titles: Sequence[str],
+    col_titles: Sequence[str],
+    present: np.ndarray,
+    path,
+    transpose: bool = True,
+    title: str = "",
+) -> pathlib.Path:
+    """Attention weights in [0, 1]: maps (R, M, H, W), row r a condition (e.g. a modality
+    combination), column m a modality; present (R, M) bool marks absent ones in the titles."""
+    show = (lambda a: np.swapaxes(a, 0, 1)) if transpose else (lambda a: a)
+    r, m = maps.shape[:2]
+    fig, axes = plt.subplots(
+        r, m, figsize=(1.3 * m + 1.6, 1.3 * r + 0.5), squeeze=False, layout="constrained"
+    )
+    im = None
+    for i in range(r):
+        for k in range(m):
+            ax = axes[i, k]
+            im = ax.imshow(show(maps[i, k]), cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col_titles[k], fontsize=8)
+            if not present[i, k]:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "missing",
+                    color="w",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    transform=ax.transAxes,
+                )
+        axes[i, 0].set_ylabel(row_titles[i], fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=min(1.0, 4.0 / r), label="weight")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(pathlib.Path(path), dpi=100)
+    plt.close(fig)
+    return pathlib.Path(path)

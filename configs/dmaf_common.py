@@ -78,7 +78,17 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     e.overlap = 0.5
     e.checkpoint = config_dict.placeholder(int)  # a step; default: the chosen checkpoint
     e.combinations = config_dict.placeholder(str)  # e.g. "flair,flair+t1ce+t1+t2"; default all
-    e.hd95_empty = "brats"  # brats (373.13 mm when one mask is empty) | passion (1.0)
+    # HD95 when exactly one mask is empty: brats (373.13 mm) | passion (1.0, the original's);
+    # default: passion when faithful, else brats
+    e.hd95_empty = config_dict.placeholder(str)
+    e.hd95_variant = "medpy"  # medpy (both directions pooled) | monai (larger directed one)
+    e.split = "test"  # the split evaluate scores: test | val | train
+    e.overlays = 2  # cases drawn in report.md: prediction per combination, DMAF attention maps
+
+    c.predict = p = config_dict.ConfigDict()
+    p.input = config_dict.placeholder(str)  # folder of new cases (BraTS/MyoPS layout, any depth)
+    p.output = config_dict.placeholder(str)  # predictions folder; default <workdir>/predictions
+    p.probabilities = False  # also <case>_prob.nii.gz: (X, Y, Z, K) float32 class probabilities
     return c
 
 

@@ -9,11 +9,17 @@ steps plus `S - W` (s = W * (1 - overlap)); a volume smaller than the window on 
 padded with each channel's corner value and the prediction cropped back. The windows of a
 volume go through the network `windows_per_call` at a time (the last call padded by repeating
 a window, so the compiled shape never changes); softmax probabilities are summed per voxel
-and divided by the number of windows covering it.
+and divided by the number of windows covering it. `predict(..., weights=True)` also averages
+the level-1 DMAF attention maps (report figures; a third jitted function).
+
+`PerCombinationWindow` is the original's procedure, kept as the reference of tests and of
+`benchmarks/dmaf_eval_combinations.py`: each combination a separate pass, one window per call,
+all encoders run again every time.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -51,8 +57,10 @@ def pad_to_window(volume: np.ndarray, window: Sequence[int]) -> np.ndarray:
 class SlidingWindow:
     """Batched sliding-window prediction for one model, window size and batch of windows.
 
-    `encode` and `fuse` are jitted once per instance; `predict(params, volume, masks)` returns
-    the averaged probabilities (C, *S, K) for C presence masks."""
+    `encode`, `fuse` (and `fuse_weights`) are jitted once per instance, and their shapes depend
+    only on the window, `windows_per_call` and the number of masks C: one compilation serves
+    every volume. `predict(params, volume, masks)` returns the averaged probabilities
+    (C, *S, K) for C presence masks."""
 
     def __init__(
         self,
@@ -67,34 +75,52 @@ class SlidingWindow:
         def encode(params, x):
             return model.apply({"params": params}, x, method=DMAFNet.encode)
 
-        def fuse(params, feats, masks):
+        def fuse(params, feats, masks, with_weights=False):
             n = feats[0].shape[0]
 
             def one(mask):
                 m = jnp.broadcast_to(mask, (n, mask.shape[-1]))
-                logits, _, _, _ = model.apply(
+                logits, _, _, weights = model.apply(
                     {"params": params}, feats, m, method=DMAFNet.fuse_decode
                 )
-                return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+                probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+                if not with_weights:
+                    return probs
+                return probs, jnp.moveaxis(weights[0], 1, -1).astype(jnp.float32)  # (n, *W, M)
 
             return jax.lax.map(one, masks)
 
         self.encode = jax.jit(encode)
         self.fuse = jax.jit(fuse)
+        self.fuse_weights = jax.jit(functools.partial(fuse, with_weights=True))
 
     def windows(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
         axes = [window_starts(s, w, self.overlap) for s, w in zip(shape, self.window)]
         return list(itertools.product(*axes))
 
-    def predict(self, params, volume: np.ndarray, masks: np.ndarray, progress=None) -> np.ndarray:
-        """volume (*S, M) float32, masks (C, M) bool -> probabilities (C, *S, K) float32."""
+    def predict(
+        self,
+        params,
+        volume: np.ndarray,
+        masks: np.ndarray,
+        progress=None,
+        *,
+        weights: bool = False,
+        starts: Sequence[tuple[int, ...]] | None = None,
+    ):
+        """volume (*S, M) float32, masks (C, M) bool -> probabilities (C, *S, K) float32, and
+        with `weights` also the level-1 DMAF attention maps (C, *S, M) averaged the same way.
+
+        `progress` wraps the iterable of window batches (e.g. a progress bar); `starts`
+        restricts the windows to these start positions (benchmarks: voxels no window covers
+        are 0)."""
         masks = np.asarray(masks, bool)
         shape = volume.shape[:-1]
         vol = pad_to_window(np.asarray(volume, np.float32), self.window)
         full = vol.shape[:-1]
-        starts = self.windows(full)
-        k = self.model.num_classes
-        acc = np.zeros((len(masks), *full, k), np.float32)
+        starts = self.windows(full) if starts is None else [tuple(s) for s in starts]
+        acc = np.zeros((len(masks), *full, self.model.num_classes), np.float32)
+        att = np.zeros((len(masks), *full, masks.shape[1]), np.float32) if weights else None
         count = np.zeros(full, np.float32)
         dev_masks = jnp.asarray(masks)
         n = self.windows_per_call
@@ -102,12 +128,70 @@ class SlidingWindow:
         for group in progress(batches) if progress else batches:
             sl = [tuple(slice(o, o + w) for o, w in zip(s, self.window)) for s in group]
             x = np.stack([vol[s] for s in sl] + [vol[sl[-1]]] * (n - len(sl)))
-            probs = np.asarray(self.fuse(params, self.encode(params, jnp.asarray(x)), dev_masks))
+            feats = self.encode(params, jnp.asarray(x))
+            if weights:
+                probs, maps = jax.device_get(self.fuse_weights(params, feats, dev_masks))
+            else:
+                probs = np.asarray(self.fuse(params, feats, dev_masks))
             for i, s in enumerate(sl):
                 acc[(slice(None),) + s] += probs[:, i]
+                if weights:
+                    att[(slice(None),) + s] += maps[:, i]
                 count[s] += 1
-        acc /= count[..., None]
-        return acc[(slice(None),) + tuple(slice(0, s) for s in shape)]
+        count = np.maximum(count, 1)[..., None]
+        crop = (slice(None),) + tuple(slice(0, s) for s in shape)
+        acc /= count
+        if not weights:
+            return acc[crop]
+        att /= count
+        return acc[crop], att[crop]
+
+    def compilations(self) -> dict[str, int]:
+        """How many programs each jitted function has compiled (one each is the aim)."""
+        return {
+            name: getattr(self, name)._cache_size() for name in ("encode", "fuse", "fuse_weights")
+        }
+
+
+class PerCombinationWindow:
+    """The original code's evaluation (PASSION `utils/predict.py`): for each combination a
+    separate sliding-window pass, one window per call, the whole network (every encoder) on
+    each window. Same windows, padding and averaging as `SlidingWindow`."""
+
+    def __init__(self, model: DMAFNet, window: Sequence[int], overlap: float = 0.5):
+        self.model, self.window, self.overlap = model, tuple(window), overlap
+
+        def forward(params, x, mask):
+            return model.apply({"params": params}, x, mask, method=DMAFNet.predict)
+
+        self.forward = jax.jit(forward)
+
+    def predict(
+        self,
+        params,
+        volume: np.ndarray,
+        masks: np.ndarray,
+        *,
+        starts: Sequence[tuple[int, ...]] | None = None,
+    ) -> np.ndarray:
+        """volume (*S, M), masks (C, M) bool -> probabilities (C, *S, K) float32."""
+        masks = np.asarray(masks, bool)
+        shape = volume.shape[:-1]
+        vol = pad_to_window(np.asarray(volume, np.float32), self.window)
+        full = vol.shape[:-1]
+        if starts is None:
+            axes = [window_starts(s, w, self.overlap) for s, w in zip(full, self.window)]
+            starts = list(itertools.product(*axes))
+        out = np.zeros((len(masks), *full, self.model.num_classes), np.float32)
+        for c, mask in enumerate(masks):
+            count = np.zeros(full, np.float32)
+            m = jnp.asarray(mask[None])
+            for start in starts:
+                s = tuple(slice(o, o + w) for o, w in zip(start, self.window))
+                out[(c,) + s] += np.asarray(self.forward(params, jnp.asarray(vol[s][None]), m))[0]
+                count[s] += 1
+            out[c] /= np.maximum(count, 1)[..., None]
+        return out[(slice(None),) + tuple(slice(0, s) for s in shape)]
 
 
 def to_model_input(volume: np.ndarray, rank: int) -> np.ndarray:
