@@ -60,11 +60,27 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def _dmaf(cfg, mode: str, workdir: pathlib.Path) -> None:
-    if mode != "preprocess":
-        raise ValueError(f"DMAF-Net supports --mode=preprocess so far, not {mode!r}")
-    from dmaf_jax import dataset
+    if mode == "preprocess":
+        from dmaf_jax import dataset
 
-    dataset.preprocess_command(cfg, workdir)
+        dataset.preprocess_command(cfg, workdir)
+    elif mode == "train":
+        from dmaf_jax import train
+
+        r = train.train(cfg, workdir)
+        best = r.best.get("dice") or {}
+        print(f"last checkpoint: step {r.last['step']} {r.last['metrics']} ({r.seconds:.0f} s)")
+        if best.get("step") is not None:
+            print(f"best validation Dice: step {best['step']} {best['metrics']}")
+    elif mode in ("evaluate", "predict"):
+        from dmaf_jax import evaluate
+
+        if mode == "evaluate":
+            evaluate.evaluate_command(cfg, workdir)
+        else:
+            evaluate.predict_command(cfg, workdir)
+    else:
+        raise ValueError(f"DMAF-Net has no --mode={mode}")
 
 
 def main(argv):

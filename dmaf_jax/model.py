@@ -5,7 +5,8 @@
        leaves have a leading axis M, so DTMS can scale one modality's update)
     -> per level l: DMAF over the M feature maps -> f_l
     -> the fusion decoder on f_1..f_L -> fused logits + 4 deep-supervision logits
-    -> the shared decoder (vmapped over M, one set of parameters) on each modality's pyramid
+    -> the shared decoder (one set of parameters, modalities folded into the batch) on each
+       modality's pyramid
     -> the distillation inputs at the bottleneck: IN(e^m_L), its CCA projection, and f_L.
 
 Missing modalities are zeroed at the input and in every encoder level (PASSION's IDT), so no
@@ -132,8 +133,7 @@ class DMAFNet(nn.Module):
     dtype: jnp.dtype | None = None
 
     def setup(self):
-        # A scan over the stacked parameters, not a vmap: vmap turns stacked kernels into a
-        # grouped convolution, 6-20x slower on CPU; the scan also compiles one encoder, not M.
+        # Parameters stacked over the modalities (nn.scan creates them; `encode` applies them).
         self.encoder = nn.scan(
             _EncoderStep,
             variable_axes={"params": 0},
@@ -142,13 +142,7 @@ class DMAFNet(nn.Module):
             out_axes=0,
             length=self.num_modalities,
         )(self.channels, self.dtype)
-        self.shared_decoder = nn.vmap(
-            SharedDecoder,
-            variable_axes={"params": None},
-            split_rngs={"params": False},
-            in_axes=0,
-            out_axes=0,
-        )(self.channels, self.num_classes, self.dtype)
+        self.shared_decoder = SharedDecoder(self.channels, self.num_classes, self.dtype)
         levels = len(self.channels)
         if self.fusion == "dmaf":
             self.dmaf = [
@@ -180,8 +174,18 @@ class DMAFNet(nn.Module):
         xm = jnp.moveaxis(x, -1, 0)[..., None]  # (M, B, *S, 1)
         if self.dtype is not None:
             xm = xm.astype(self.dtype)
-        _, feats = self.encoder(None, xm)
-        return _stack_modalities(feats)
+        if self.is_initializing():
+            _, feats = self.encoder(None, xm)
+            return _stack_modalities(feats)
+        # One encoder call per modality on its slice of the stacked parameters: on CPU a
+        # scan's backward pass is 7x slower and a vmap (a grouped convolution) 6-20x slower.
+        stacked = self.encoder.variables["params"]
+        single = Encoder(self.channels, self.dtype, parent=None)
+        per = [
+            single.apply({"params": jax.tree.map(lambda p, i=i: p[i], stacked)}, xm[i])
+            for i in range(xm.shape[0])
+        ]
+        return [jnp.stack(level, axis=1) for level in zip(*per)]
 
     def fuse_decode(self, feats: list[jax.Array], mask: jax.Array, train: bool = False):
         """Encoder features and a mask -> (fused logits, aux logits, fused pyramid, weights)."""
@@ -212,14 +216,16 @@ class DMAFNet(nn.Module):
         feats = _mask_features(feats, mask)
         # Shared decoder on each modality's pyramid (all M, static shapes; the loss weights
         # each by presence).
-        sep = self.shared_decoder([jnp.swapaxes(f, 0, 1) for f in feats])  # (M, B, *S, K)
+        b, m = mask.shape
+        sep = self.shared_decoder([f.reshape(b * m, *f.shape[2:]) for f in feats])
+        sep = sep.reshape(b, m, *sep.shape[1:])  # (B, M, *S, K)
         bottom = feats[-1]  # (B, M, *g, C)
-        b, m, *g, c = bottom.shape
+        *g, c = bottom.shape[2:]
         student = instance_norm(bottom.reshape(b * m, *g, c)).reshape(b, m, -1, c)
         return {
             "logits": logits,
             "aux_logits": aux,
-            "sep_logits": jnp.swapaxes(sep, 0, 1),
+            "sep_logits": sep,
             "student": student,
             "student_cca": self.cca_projection(student),
             "teacher": fused[-1].reshape(b, -1, c),
