@@ -47,8 +47,8 @@ def pad_to_window(volume: np.ndarray, window: Sequence[int]) -> np.ndarray:
     if not any(p for _, p in pads):
         return volume
     corner = volume[(0,) * len(window)]
-    out = np.empty([s + p for s, (_, p) in zip(volume.shape, pads)] + [volume.shape[-1]])
-    out = out.astype(volume.dtype)
+    shape = [s + p for s, (_, p) in zip(volume.shape, pads)] + [volume.shape[-1]]
+    out = np.empty(shape, volume.dtype)
     out[...] = corner
     out[tuple(slice(0, s) for s in volume.shape[:-1])] = volume
     return out
