@@ -25,6 +25,7 @@ def get_config(variant: str = "paper"):
         c.train.epochs = 40
         c.train.learning_rate = 1e-3
         c.train.eval_every = 10
+        c.train.checkpoint_every = 5
         c.train.distill_ramp_epochs = 5
         c.dtms.freeze_epochs = 10
         c.dtms.k_ramp = (10, 15)
