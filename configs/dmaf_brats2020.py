@@ -12,23 +12,23 @@ def get_config(variant: str = "paper"):
     c = base_config("brats2020", variant)
     c.data.missing_rate = "mr2468"
     if variant == "demo":
-        # 16 synthetic cases at 2 mm voxels, a 48^3 crop and a narrow network: preprocess,
+        # 16 synthetic cases at 2 mm voxels, a 32^3 crop and a narrow network: preprocess,
         # train and evaluate in minutes on a 2-core CPU. DTMS epochs scaled to the short run.
         c.data.synthetic_cases = 16
         c.data.zoom = 0.5
-        c.data.crop = (48, 48, 48)
+        c.data.crop = (32, 32, 32)
         c.model.channels = (4, 8, 16, 32, 64)
         c.model.token_dim = 64
         c.model.heads = 4
         c.model.depth = 2
         c.model.mlp = 128
-        c.train.epochs = 40
-        c.train.learning_rate = 1e-3
-        c.train.eval_every = 10
-        c.train.checkpoint_every = 5
-        c.train.distill_ramp_epochs = 5
-        c.dtms.freeze_epochs = 10
-        c.dtms.k_ramp = (10, 15)
+        c.train.epochs = 60
+        c.train.learning_rate = 2e-3
+        c.train.eval_every = 20
+        c.train.checkpoint_every = 10
+        c.train.distill_ramp_epochs = 10
+        c.dtms.freeze_epochs = 20
+        c.dtms.k_ramp = (20, 30)
     elif variant == "smoke":
         c.data.synthetic_cases = 6
         c.data.synthetic_shape = (40, 44, 36)

@@ -138,7 +138,8 @@ def restore_params(cfg, workdir: pathlib.Path) -> tuple[Any, dict]:
     step = chosen_step(cfg, ckpt)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first")
-    template, _ = create_state(cfg)
+    # Shapes only: tracing the initialisation is enough for a template; compiling it is not.
+    template = jax.eval_shape(lambda: create_state(cfg)[0])
     state, meta = ckpt.restore(step, template)
     ckpt.close()
     return state.params, meta
