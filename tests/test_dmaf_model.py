@@ -4,7 +4,7 @@ A tiny network (channels (4, 8, 8, 16, 16), token width 16, 2 heads, 1 layer, ML
 (BraTS: M = 4, K = 4) and 32^2 (MyoPS: M = 3, K = 6). Each jitted function compiles once per
 module. The functions run only a few times are compiled with XLA's backend optimisations off
 (measured here: the rank-3 init compiles in ~19 s instead of ~62 s, the rank-2 loss gradient in
-~31 s instead of ~50 s at the same run time); the training step runs 12 times and keeps them.
+~26 s instead of ~59 s at the same run time); the training step runs 12 times and keeps them.
 The module took 299 s with a cold compilation cache and 90 s with a warm one (2 shared cores),
 most of it compiling the step (~110 s cold).
 
