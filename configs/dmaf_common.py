@@ -29,6 +29,7 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     d.zoom = 1.0  # resampling after the crop; 0.5 = voxels twice as large (demo)
     d.crop = (80, 80, 80)  # training crop
     d.random_crop = True  # False: centred crop
+    d.foreground_crop = 0.0  # share of crops around a tumour voxel (0: the original's uniform)
     d.rotation = 10  # degrees, integer angles in [-r, r)
     d.rotation_planes = ((0, 1), (1, 2), (0, 2))  # one drawn per sample; (H, W) = (0, 1)
     d.intensity = 0.1  # scale U(1-a, 1+a), shift U(-a, a)

@@ -46,6 +46,27 @@ class AugmentConfig:
     flip: bool = True
     image_fill: float = -1.0  # rotation fill of the images (labels: 0)
     mask_mode: str = "fixed"  # fixed | sub | random (missing.TRAINING_MODES)
+    foreground: float = 0.0  # probability of a crop centred near a random tumour voxel
+
+
+def foreground_origin(
+    seg_path: str, shape: Sequence[int], crop: Sequence[int], rng
+) -> list[int] | None:
+    """A crop start that puts a random labelled voxel inside the crop (at a random offset), or
+    None when the case has no label: nnU-Net-style oversampling, not in the original."""
+    seg = np.load(seg_path, mmap_mode="r")
+    fg = np.flatnonzero(np.asarray(seg).reshape(-1))
+    if not len(fg):
+        return None
+    voxel = np.unravel_index(fg[int(rng.integers(len(fg)))], shape)
+    out = []
+    for v, s, c in zip(voxel, shape, crop):
+        if s <= c:
+            out.append(-((c - s) // 2))
+        else:
+            lo, hi = max(0, v - c + 1), min(s - c, v)
+            out.append(int(rng.integers(lo, hi + 1)))
+    return out
 
 
 def crop_origin(shape: Sequence[int], crop: Sequence[int], rng, random: bool) -> list[int]:
@@ -119,7 +140,11 @@ class TrainTransform(grain.transforms.RandomMap):
         cfg = self.cfg
         mask = missing.training_mask(self.spec, cfg.mask_mode, np.array(case.mask), rng)
         shape = np.load(case.seg, mmap_mode="r").shape
-        origin = crop_origin(shape, cfg.crop, rng, cfg.random_crop)
+        origin = None
+        if cfg.foreground and rng.random() < cfg.foreground:  # no extra draw when off
+            origin = foreground_origin(case.seg, shape, cfg.crop, rng)
+        if origin is None:
+            origin = crop_origin(shape, cfg.crop, rng, cfg.random_crop)
         image = read_crop(case.vol, origin, cfg.crop).astype(np.float32, copy=False)
         # uint8 whatever the file holds (the original's MyoPS labels are uint32)
         label = read_crop(case.seg, origin, cfg.crop).astype(np.uint8, copy=False)

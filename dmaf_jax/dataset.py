@@ -68,6 +68,7 @@ def augment_config(cfg) -> AugmentConfig:
         d.intensity,
         d.flip,
         mask_mode=d.mask_mode,
+        foreground=d.foreground_crop,
     )
 
 

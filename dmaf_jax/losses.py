@@ -30,6 +30,9 @@ LAMBDA_MAX = 3.0
 NEG = -1e9
 
 
+MAA_HEADS = 8  # channel groups of the masked attention alignment (section 10.3)
+
+
 def _f32(x) -> jax.Array:
     return jnp.asarray(x, F32)
 
@@ -152,7 +155,7 @@ def _split_heads(x: jax.Array, heads: int) -> jax.Array:
 
 
 def maa_loss(
-    student: jax.Array, teacher: jax.Array, grid: tuple[int, ...], heads: int = 8
+    student: jax.Array, teacher: jax.Array, grid: tuple[int, ...], heads: int = MAA_HEADS
 ) -> jax.Array:
     """Masked attention alignment, parameter-free (10.3, 11.8). Returns (B, M).
 

@@ -1,7 +1,7 @@
 """DMAF-Net (spec 2 with the amendments of 10 and the decisions of 11), any spatial rank.
 
     x (B, *S, M), mask (B, M) bool
-    -> one encoder per modality (one module scanned over M, parameters stacked: params["encoder"]
+    -> one encoder per modality (parameters stacked over M: params["encoder"]
        leaves have a leading axis M, so DTMS can scale one modality's update)
     -> per level l: DMAF over the M feature maps -> f_l
     -> the fusion decoder on f_1..f_L -> fused logits + 4 deep-supervision logits
@@ -166,7 +166,7 @@ class DMAFNet(nn.Module):
             c,
             use_bias=False,
             kernel_init=lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], dtype=dtype),
-            dtype=self.dtype,
+            dtype=jnp.float32,
         )
 
     def encode(self, x: jax.Array) -> list[jax.Array]:
@@ -221,6 +221,8 @@ class DMAFNet(nn.Module):
         sep = sep.reshape(b, m, *sep.shape[1:])  # (B, M, *S, K)
         bottom = feats[-1]  # (B, M, *g, C)
         *g, c = bottom.shape[2:]
+        # The distillation inputs in float32 even with bfloat16 compute (section 11.15).
+        bottom = bottom.astype(jnp.float32)
         student = instance_norm(bottom.reshape(b * m, *g, c)).reshape(b, m, -1, c)
         return {
             "logits": logits,
@@ -228,7 +230,7 @@ class DMAFNet(nn.Module):
             "sep_logits": sep,
             "student": student,
             "student_cca": self.cca_projection(student),
-            "teacher": fused[-1].reshape(b, -1, c),
+            "teacher": fused[-1].astype(jnp.float32).reshape(b, -1, c),
             "weights": weights,
         }
 

@@ -271,3 +271,19 @@ def test_bad_rotation_planes_fail_at_once(tmp_path):
     cfg.data.rotation_planes = ((0, 0),)
     with pytest.raises(ValueError, match="data.rotation_planes"):
         dataset.prepare(cfg, tmp_path)
+
+
+def test_foreground_crops_hold_a_labelled_voxel(tmp_path):
+    from dmaf_jax.data import foreground_origin
+
+    seg = np.zeros((40, 36, 30), np.uint8)
+    seg[3, 30, 25] = 2  # one labelled voxel near a corner
+    np.save(tmp_path / "seg.npy", seg)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        o = foreground_origin(str(tmp_path / "seg.npy"), seg.shape, (16, 16, 16), rng)
+        assert all(0 <= a <= s - 16 for a, s in zip(o, seg.shape))
+        assert all(a <= v < a + 16 for a, v in zip(o, (3, 30, 25)))
+    np.save(tmp_path / "empty.npy", np.zeros_like(seg))
+    rng = np.random.default_rng(0)
+    assert foreground_origin(str(tmp_path / "empty.npy"), seg.shape, (16,) * 3, rng) is None
