@@ -104,3 +104,16 @@ def test_require_paper_split_stops_training_only(tmp_path, caplog):
         prep = dataset.prepare(_cfg(root, require=True), tmp_path / "pre_mode")
     assert prep.summary["split_decision"]["kind"] == "fresh"
     assert any("fresh split" in r.getMessage() for r in caplog.records)
+
+
+def test_restricted_paper_split_draws_the_rule_over_the_whole_list(tmp_path):
+    # A rate with no shipped CSV: the rule's rows depend on every listed name, so a case that
+    # failed must not change the masks of the others.
+    dropped = PAPER["train"][7]
+    present = [n for n in _all_names() if n != dropped]
+    cfg = _cfg(_root(tmp_path, present))
+    cfg.data.missing_rate = "mr3333"
+    prep = dataset.prepare(cfg, tmp_path / "w", True)
+    full = missing.generate_masks(BRATS, PAPER["train"], missing.missing_rates(BRATS, "mr3333"))
+    assert dropped not in prep.masks
+    assert all((prep.masks[n] == full[n]).all() for n in prep.split["train"])
