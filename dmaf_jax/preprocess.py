@@ -120,8 +120,8 @@ def brats_prefix(case: str) -> str:
 
 
 def _walk_nifti(root: pathlib.Path) -> dict[pathlib.Path, list[pathlib.Path]]:
-    """{folder: its NIfTI files} for every folder under `root` (hidden ones skipped, symbolic
-    links followed once)."""
+    """{folder: its NIfTI files} for every folder under `root` (hidden folders and files, as
+    macOS's `__MACOSX/._*` copies in zipped downloads, skipped; symbolic links followed once)."""
     found, seen = {}, set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -129,8 +129,12 @@ def _walk_nifti(root: pathlib.Path) -> dict[pathlib.Path, list[pathlib.Path]]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        niftis = sorted(pathlib.Path(folder) / f for f in files if f.endswith(nifti.NIFTI_SUFFIXES))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        niftis = sorted(
+            pathlib.Path(folder) / f
+            for f in files
+            if f.endswith(nifti.NIFTI_SUFFIXES) and not f.startswith(".")
+        )
         if niftis:
             found[pathlib.Path(folder)] = niftis
     return found

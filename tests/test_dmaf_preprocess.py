@@ -150,6 +150,11 @@ def test_brats_download_layout(tmp_path):
     write_case(deeper, "BraTS20_Training_200", images, seg)
     (deeper / "BraTS20_Training_200").rename(deeper / "renamed")
     write_case(raw / ".hidden", "BraTS20_Training_201", images, seg)
+    # A zipped download unpacked on macOS: `__MACOSX/.../._<file>` beside every file.
+    mac = raw / "__MACOSX" / "BraTS20_Training_001"
+    mac.mkdir(parents=True)
+    (mac / "._BraTS20_Training_001_flair.nii.gz").write_bytes(b"\0\5\26\7")
+    (cases / "BraTS20_Training_001" / "._BraTS20_Training_001_t2.nii.gz").write_bytes(b"\0")
     val = raw / "BraTS2020_ValidationData" / "MICCAI_BraTS2020_ValidationData"
     write_case(val, "BraTS20_Validation_001", images, None)  # no labels in the validation set
     found = preprocess.discover(BRATS, raw)
