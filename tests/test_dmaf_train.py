@@ -75,18 +75,19 @@ def test_run_py_trains_logs_and_plots(tmp_path, dataset):
         "myops2020": ("bssfp", "lge", "t2"),
     }
     out = run(CONFIGS[dataset], tmp_path)
-    assert "last checkpoint: step 4" in out.stdout
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    n = summary["last"]["step"]  # 2 epochs: BraTS 4 steps, MyoPS 8 (more slices)
+    assert n == {"brats2020": 4, "myops2020": 8}[dataset]
+    assert f"last checkpoint: step {n}" in out.stdout
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     step_rows = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in step_rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in step_rows] == list(range(1, n + 1))
     for key in ("loss/fuse", "loss/ds", "loss/sep", "loss/cov", "loss/att", "loss/proto"):
         assert all(np.isfinite(r[key]) for r in step_rows), key
     for name in ("beta", "factor", "gap", "rho"):
         for m in spec_modalities[dataset]:
             assert f"{name}/{m}" in step_rows[-1]
     assert (tmp_path / "dtms.png").stat().st_size > 0
-    summary = json.loads((tmp_path / "train_summary.json").read_text())
-    assert summary["last"]["step"] == 4
     if dataset == "brats2020":  # a validation split: Dice logged and the best chosen by it
         assert any("valid/dice" in r for r in rows)
         assert summary["best"]["dice"]["step"] in (2, 4)
@@ -98,8 +99,9 @@ def test_run_py_trains_logs_and_plots(tmp_path, dataset):
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     config = CONFIGS["brats2020"]
     data = tmp_path / "data"
-    # Both runs read the same preprocessed data (prepared by the first).
-    overrides = ["--config.train.epochs=3", f"--config.data.root={data / 'pre'}"]
+    # Both runs read the same preprocessed data (prepared by the first), with the smoke
+    # schedule of the other test (2 epochs of 2 steps), so all share one compiled step.
+    overrides = [f"--config.data.root={data / 'pre'}"]
     raw = [f"--config.data.raw_dir={data / 'raw'}"]
     from dmaf_jax import synthetic
 
@@ -119,8 +121,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     deadline = time.time() + 900
     try:
         while time.time() < deadline and proc.poll() is None:
-            done = [p for p in ckpts.glob("[0-9]*") if p.is_dir()] if ckpts.exists() else []
-            if any(int(p.name) >= 2 for p in done):
+            done = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()]
+            if any(step >= 2 for step in done):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -130,13 +132,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     latest = max(int(p.name) for p in ckpts.glob("[0-9]*") if p.name.isdigit())
-    assert latest < 6, "killed too late to test a resume"
+    assert latest < 4, "killed too late to test a resume"
 
     run(config, killed, *overrides)
     s1, a = final_params(tmp_path / "straight")
     s2, b = final_params(killed)
-    assert s1 == s2 == 6
+    assert s1 == s2 == 4
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     steps = [r["step"] for r in read_jsonl(killed / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 7)), "steps re-run after the kill are logged once"
+    assert steps == list(range(1, 5)), "steps re-run after the kill are logged once"
