@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import optax
+
+T = TypeVar("T")
 
 
 class ScaleByPytorchAmsgradState(NamedTuple):
@@ -130,3 +132,15 @@ def poly_schedule(
         return table[jnp.clip(epoch_of(step), 0, epochs)]
 
     return schedule
+
+
+def find_state(opt_state: Any, kind: type[T]) -> T | None:
+    """The first state of type `kind` inside a (possibly chained, nested) optimiser state."""
+    if isinstance(opt_state, kind):
+        return opt_state
+    if isinstance(opt_state, tuple):
+        for s in opt_state:
+            found = find_state(s, kind)
+            if found is not None:
+                return found
+    return None

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from common import optim
 from common.optim import scale_by_pytorch_amsgrad
 
 NUM_TERMS = 3  # cov, att, proto
@@ -275,14 +276,7 @@ def scale_encoder_updates(
 
 def find_state(opt_state) -> DTMSState | None:
     """The DTMSState inside a (possibly chained) optimiser state, or None."""
-    if isinstance(opt_state, DTMSState):
-        return opt_state
-    if isinstance(opt_state, tuple):
-        for s in opt_state:
-            found = find_state(s)
-            if found is not None:
-                return found
-    return None
+    return optim.find_state(opt_state, DTMSState)
 
 
 def make_optimizer(

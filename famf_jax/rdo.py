@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from common import optim
 from famf_jax.layers import torch_uniform_init
 
 FAITHFUL_EXPLORE_THRESHOLD = 0.4  # randn < 0.4 happens with probability Phi(0.4) = 0.655
@@ -362,11 +363,4 @@ def transform(
 
 def find_state(opt_state) -> RDOState | None:
     """The RDOState inside a (possibly chained) optimiser state, or None."""
-    if isinstance(opt_state, RDOState):
-        return opt_state
-    if isinstance(opt_state, tuple):
-        for s in opt_state:
-            found = find_state(s)
-            if found is not None:
-                return found
-    return None
+    return optim.find_state(opt_state, RDOState)
