@@ -25,6 +25,12 @@ from dmaf_jax.layers import avg_pool, instance_norm, resize_align_corners, xavie
 NEG = -1e9  # masked logits: -inf would turn 0 * inf into NaN in the backward pass
 
 
+def normalise_modalities(feats: jax.Array) -> jax.Array:
+    """IN(E_m) of (B, M, *S, C), each modality of each sample on its own (section 10.1)."""
+    b, m, *s, c = feats.shape
+    return instance_norm(feats.reshape(b * m, *s, c)).reshape(b, m, *s, c)
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm layer: masked multi-head self-attention and a GELU MLP, dropout on the MLP and
     residual paths only (section 11.5)."""
@@ -73,7 +79,7 @@ class DMAF(nn.Module):
     def __call__(self, feats: jax.Array, mask: jax.Array, train: bool):
         """feats (B, M, *S, C), mask (B, M) bool -> (fused (B, *S, C), weights (B, M, *S))."""
         b, m, *s, c = feats.shape
-        z = instance_norm(feats.reshape(b * m, *s, c))  # (B*M, *S, C)
+        z = normalise_modalities(feats).reshape(b * m, *s, c)
         pooled = avg_pool(z, self.pool)  # (B*M, *g, C)
         grid = pooled.shape[1:-1]
         n_tok = math.prod(grid)
@@ -110,7 +116,7 @@ class DMAF(nn.Module):
 def mean_fusion(feats: jax.Array, mask: jax.Array):
     """The ablation baseline: the mean of IN(E_m) over the present modalities."""
     b, m, *s, c = feats.shape
-    z = instance_norm(feats.reshape(b * m, *s, c)).reshape(b, m, *s, c)
+    z = normalise_modalities(feats)
     w = mask.astype(jnp.float32) / jnp.maximum(mask.sum(1, keepdims=True), 1).astype(jnp.float32)
     weights = jnp.broadcast_to(w.reshape(b, m, *([1] * len(s))), (b, m, *s))
     return jnp.einsum("bm...,bm...c->b...c", weights.astype(z.dtype), z), weights

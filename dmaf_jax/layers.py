@@ -89,11 +89,6 @@ class PreNormConv(nn.Module):
         return Conv(self.features, self.kernel_size, self.stride, dtype=self.dtype, name="conv")(x)
 
 
-def head_conv(features: int, name: str | None = None, dtype=None) -> Conv:
-    """A 1x1 output convolution (segmentation heads)."""
-    return Conv(features, 1, dtype=dtype, name=name)
-
-
 def xavier_dense(features: int, name: str | None = None, **kw) -> nn.Dense:
     """Dense with xavier_uniform weights and zero bias (section 11.17)."""
     return nn.Dense(

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from common.conv import Conv
-from dmaf_jax.fusion import DMAF, mean_fusion
-from dmaf_jax.layers import PreNormConv, instance_norm, upsample
+from dmaf_jax.fusion import DMAF, mean_fusion, normalise_modalities
+from dmaf_jax.layers import PreNormConv, upsample
 
 DEFAULT_CHANNELS = (8, 16, 32, 64, 128)
 
@@ -108,7 +108,7 @@ class FusionDecoder(nn.Module):
 
 
 def _stack_modalities(feats: list[jax.Array]) -> list[jax.Array]:
-    """[(M, B, ...)] from the vmapped encoder -> [(B, M, ...)]."""
+    """[(M, B, ...)] from the scanned encoder (initialisation) -> [(B, M, ...)]."""
     return [jnp.swapaxes(f, 0, 1) for f in feats]
 
 
@@ -220,10 +220,9 @@ class DMAFNet(nn.Module):
         sep = self.shared_decoder([f.reshape(b * m, *f.shape[2:]) for f in feats])
         sep = sep.reshape(b, m, *sep.shape[1:])  # (B, M, *S, K)
         bottom = feats[-1]  # (B, M, *g, C)
-        *g, c = bottom.shape[2:]
+        c = bottom.shape[-1]
         # The distillation inputs in float32 even with bfloat16 compute (section 11.15).
-        bottom = bottom.astype(jnp.float32)
-        student = instance_norm(bottom.reshape(b * m, *g, c)).reshape(b, m, -1, c)
+        student = normalise_modalities(bottom.astype(jnp.float32)).reshape(b, m, -1, c)
         return {
             "logits": logits,
             "aux_logits": aux,
@@ -247,7 +246,7 @@ def build_model(cfg, spec) -> DMAFNet:
         depth=m.depth,
         mlp=m.mlp,
         dropout=m.dropout,
-        dtype=jnp.bfloat16 if m.get("bfloat16", False) else None,
+        dtype=jnp.bfloat16 if m.bfloat16 else None,
     )
 
 

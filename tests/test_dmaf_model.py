@@ -25,6 +25,7 @@ import pytest
 from scipy.ndimage import map_coordinates
 from scipy.special import erf
 
+from common import optim
 from common.optim import ScaleByPytorchAmsgradState
 from configs import dmaf_brats2020, dmaf_myops2020
 from dmaf_jax import dtms, experiment, losses, train
@@ -774,17 +775,6 @@ def set_beta(opt_state, beta):
     return opt_state
 
 
-def find(opt_state, cls):
-    if isinstance(opt_state, cls):
-        return opt_state
-    if isinstance(opt_state, tuple):
-        for s in opt_state:
-            found = find(s, cls)
-            if found is not None:
-                return found
-    return None
-
-
 def step_batch(masks, background=False, seed=0):
     r = np.random.default_rng(seed)
     y = np.zeros((2, 32, 32, 32), np.int32) if background else blob_labels(2, 32, 3, 4)
@@ -820,7 +810,7 @@ def test_step_missing_encoder_gets_no_gradient(step3, cfg3, created):
     before = jax.device_get(created[0].params["encoder"])
     state, out = step3(fresh_state(created, ramp_step), step_batch([[1, 1, 0, 1], [0, 1, 0, 0]]))
     assert float(out["ramp"]) == 1.0
-    adam = find(jax.device_get(state.opt_state), ScaleByPytorchAmsgradState)
+    adam = optim.find_state(jax.device_get(state.opt_state), ScaleByPytorchAmsgradState)
     after = jax.device_get(state.params["encoder"])
     for path, mu in jax.tree_util.tree_flatten_with_path(adam.mu["encoder"])[0]:
         assert (mu[2] == 0).all(), jax.tree_util.keystr(path)
