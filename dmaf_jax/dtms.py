@@ -96,6 +96,12 @@ def eta(epoch: jax.Array, eta0: float, growth: float, every: int, faithful: bool
     return jnp.float32(eta0) * jnp.float32(growth) ** steps.astype(jnp.float32)
 
 
+def close_eta(epoch: jax.Array, eta0: float, growth: float, every: int, faithful: bool):
+    """The eta of the beta step that closes `epoch`: 11.13's eta_{e+1}, or PASSION's (faithful),
+    which grows at the start of epoch e and so uses eta_e with its extra growth step."""
+    return eta(epoch if faithful else epoch + 1, eta0, growth, every, faithful)
+
+
 def ramp(epoch: jax.Array, start: float, end: float) -> jax.Array:
     """clip((e - start) / (end - start), 0, 1); a step at `start` when end <= start."""
     e = jnp.asarray(epoch, jnp.float32)
@@ -191,7 +197,8 @@ def monitor(
         nxt = epoch + 1
         beta = state.beta
         if reweight:
-            stepped = jnp.clip(beta + eta(nxt, eta0, eta_growth, eta_every, faithful) * r, lo, hi)
+            step_eta = close_eta(epoch, eta0, eta_growth, eta_every, faithful)
+            stepped = jnp.clip(beta + step_eta * r, lo, hi)
             stepped = jnp.where(seen, stepped, beta)
             unseen_sq = jnp.sum(jnp.where(seen, 0.0, beta**2))
             seen_norm = jnp.sqrt(jnp.sum(jnp.where(seen, stepped**2, 0.0)))

@@ -154,7 +154,12 @@ def reference(
             last_r = r
             if e >= freeze_epochs - 1:
                 nxt = e + 1
-                eta = eta0 * eta_growth ** (nxt // eta_every + (1 if faithful else 0))
+                # Faithful: PASSION grows eta at the start of each epoch e with e % every == 0
+                # and steps beta at that epoch's end; otherwise 11.13's eta_{e+1}.
+                if faithful:
+                    eta = eta0 * eta_growth ** (sum(1 for i in range(e + 1) if i % eta_every == 0))
+                else:
+                    eta = eta0 * eta_growth ** (nxt // eta_every)
                 ramp = min(max((nxt - k_ramp[0]) / (k_ramp[1] - k_ramp[0]), 0.0), 1.0)
                 if reweight:
                     stepped = beta.copy()
@@ -328,11 +333,25 @@ def test_faithful_eta_is_one_growth_step_ahead():
     states = run(SEQ, **KW, faithful=True)
     assert_matches(states, refs)
     plain = run(SEQ, **KW)
-    assert not np.allclose(np.asarray(states[3].beta), np.asarray(plain[3].beta))
+    # every=2: the closes of epochs 1 and 3 use the same eta in both modes, the close of
+    # epoch 2 (state 5) a grown one in faithful mode (PASSION grows at the start of epoch 2).
+    np.testing.assert_array_equal(np.asarray(states[3].beta), np.asarray(plain[3].beta))
+    assert not np.allclose(np.asarray(states[5].beta), np.asarray(plain[5].beta))
     e = jnp.arange(6)
     np.testing.assert_allclose(
         np.asarray(dtms.eta(e, 0.01, 1.5, 100, True)), 0.015, rtol=1e-6
     )  # PASSION: 0.015 from epoch 0
+    # The step closing epoch 99 still uses 0.015, the one closing epoch 100 uses 0.0225.
+    np.testing.assert_allclose(
+        np.asarray(dtms.close_eta(jnp.array([99, 100]), 0.01, 1.5, 100, True)),
+        [0.015, 0.0225],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(dtms.close_eta(jnp.array([98, 99]), 0.01, 1.5, 100, False)),
+        [0.01, 0.015],
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(
         np.asarray(dtms.eta(jnp.array([0, 99, 100, 200]), 0.01, 1.5, 100, False)),
         [0.01, 0.01, 0.015, 0.0225],
