@@ -331,6 +331,12 @@ def hd95(
     return float(max(np.percentile(d_pred, 95), np.percentile(d_gt, 95)))
 
 
+def et_min_voxels(zoom: float) -> int:
+    """The ET threshold on a grid resampled by `zoom` per axis: 500 voxels of the 1 mm grid
+    are 500 zoom^3 voxels there (at least 1)."""
+    return max(1, round(ET_MIN_VOXELS * float(zoom) ** 3))
+
+
 def et_postprocess(
     pred_labels: np.ndarray, et_label: int = 3, min_voxels: int = ET_MIN_VOXELS
 ) -> np.ndarray:
@@ -351,12 +357,13 @@ def region_metrics(
     empty: str = "brats",
     variant: str = "medpy",
     et_post: bool = True,
+    et_min_voxels: int = ET_MIN_VOXELS,
 ) -> dict[str, dict[str, float]]:
     """{region: {dice, hd95, sensitivity, specificity}} of integer label maps of one shape.
 
     A region is the union of its labels (e.g. `BRATS_REGIONS`, `MYOPS_REGIONS`). With `et_post`
     and an "et" region of one label, "et_post" is added: the ET region with the prediction
-    passed through `et_postprocess` (the ground truth unchanged).
+    passed through `et_postprocess` with `et_min_voxels` (the ground truth unchanged).
     """
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     out = {}
@@ -374,6 +381,6 @@ def region_metrics(
     if et_post and "et" in regions:
         (et_label,) = regions["et"]
         out["et_post"] = scores(
-            et_postprocess(pred_labels, et_label), np.isin(gt_labels, regions["et"])
+            et_postprocess(pred_labels, et_label, et_min_voxels), np.isin(gt_labels, regions["et"])
         )
     return out

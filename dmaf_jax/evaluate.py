@@ -34,7 +34,7 @@ from common import metrics as metrics_lib
 from common import viz
 from common.logging import progress
 from dmaf_jax import dataset, experiment, splits
-from dmaf_jax.inference import SlidingWindow, to_model_input
+from dmaf_jax.inference import to_model_input
 from dmaf_jax.modalities import DatasetSpec
 from dmaf_jax.preprocess import read_meta
 
@@ -130,15 +130,6 @@ def validate_config(cfg) -> None:
     combinations(experiment.spec_of(cfg), e.combinations)
 
 
-def make_window(cfg) -> SlidingWindow:
-    return SlidingWindow(
-        experiment.model(cfg),
-        experiment.model_crop(cfg),
-        cfg.eval.windows_per_call,
-        cfg.eval.overlap,
-    )
-
-
 def case_meta(root: pathlib.Path, name: str) -> dict | None:
     """The metadata of a preprocessed name (BraTS: its own; MyoPS slice: its subject's)."""
     for stem in (name, splits.subject_of(name)):
@@ -159,7 +150,14 @@ def _spacing(meta: dict | None, rank: int, name: str, warned: list) -> tuple[flo
 
 def _scores(pred, gt, regions, spacing, cfg, empty) -> dict[str, dict[str, float]]:
     return metrics_lib.region_metrics(
-        pred, gt, regions, spacing, empty=empty, variant=cfg.eval.hd95_variant, et_post=True
+        pred,
+        gt,
+        regions,
+        spacing,
+        empty=empty,
+        variant=cfg.eval.hd95_variant,
+        et_post=True,
+        et_min_voxels=metrics_lib.et_min_voxels(cfg.data.zoom),
     )
 
 
@@ -211,7 +209,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     rank = experiment.spatial_rank(cfg)
     regions = REGIONS[spec.name]
     keys = region_keys(spec)
-    window = make_window(cfg)
+    window = experiment.inference_window(cfg)
     drawn = {c.name for c in cases[: max(0, cfg.eval.overlays)]}
     logging.info(
         "evaluating step %s on %d %s cases x %d combinations (HD95 one-empty: %s)",
@@ -326,7 +324,8 @@ def conventions(cfg, spec: DatasetSpec, empty: str) -> dict:
         f"Regions (stored labels): {regions}"
         + (
             "; ET (post): the ET prediction emptied when it has fewer than "
-            f"{metrics_lib.ET_MIN_VOXELS} voxels, the ground truth unchanged"
+            f"{metrics_lib.et_min_voxels(cfg.data.zoom)} voxels (500 at 1 mm), the ground truth "
+            "unchanged"
             if spec.name == "brats2020"
             else ""
         )
@@ -354,7 +353,9 @@ def conventions(cfg, spec: DatasetSpec, empty: str) -> dict:
         "hd95_one_empty_value": one_empty,
         "hd95_variant": cfg.eval.hd95_variant,
         "grid": "preprocessed",
-        "et_post_min_voxels": metrics_lib.ET_MIN_VOXELS if spec.name == "brats2020" else None,
+        "et_post_min_voxels": (
+            metrics_lib.et_min_voxels(cfg.data.zoom) if spec.name == "brats2020" else None
+        ),
     }
 
 

@@ -282,6 +282,20 @@ def test_et_postprocess_threshold():
     assert M.et_postprocess(labels, et_label=1, min_voxels=5).sum() == 5
 
 
+def test_et_threshold_follows_the_zoom():
+    # 500 voxels of 1 mm are 62.5 voxels of 2 mm; the threshold is never below one voxel.
+    assert M.et_min_voxels(1.0) == 500
+    assert M.et_min_voxels(0.5) == 62
+    assert M.et_min_voxels(1 / 3) == 19
+    assert M.et_min_voxels(0.01) == 1
+    labels = np.zeros((8, 8, 8), np.int32)
+    labels.reshape(-1)[:70] = 3  # 70 ET voxels: kept at 2 mm, dropped at 1 mm
+    kept = M.region_metrics(labels, labels, M.BRATS_REGIONS, et_min_voxels=M.et_min_voxels(0.5))
+    dropped = M.region_metrics(labels, labels, M.BRATS_REGIONS)
+    assert kept["et_post"]["dice"] == 1.0
+    assert dropped["et_post"]["dice"] == 0.0
+
+
 def _brats_maps(rng, shape=(20, 22, 18)):
     g = np.zeros(shape, np.int32)
     g[blob(rng, shape, smooth=3.0, level=-0.2)] = 2
