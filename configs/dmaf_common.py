@@ -77,6 +77,7 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     c.eval = e = config_dict.ConfigDict()
     e.windows_per_call = 2  # sliding windows per jitted call (the last call is padded)
     e.overlap = 0.5
+    e.window = "sliding"  # sliding (BraTS, 7.1) | centre (only the centred training crop; MyoPS)
     e.checkpoint = config_dict.placeholder(int)  # a step; default: the chosen checkpoint
     e.combinations = config_dict.placeholder(str)  # e.g. "flair,flair+t1ce+t1+t2"; default all
     # HD95 when exactly one mask is empty: brats (373.13 mm) | passion (1.0, the original's);

@@ -13,6 +13,7 @@ def get_config(variant: str = "paper"):
     c.data.missing_rate = "357"
     c.data.crop = (256, 256, 1)
     c.data.random_crop = False
+    c.eval.window = "centre"  # spec 7.3: one 256^2 forward pass per slice, no sliding window
     c.data.rotation_planes = ((0, 1),)  # each slice in its own plane, as the original
     c.data.synthetic_shape = (160, 160, 5)
     c.train.learning_rate = 2e-3  # section 11.3 (HGA's MyoPS trainer)

@@ -82,18 +82,31 @@ def crop_origin(shape: Sequence[int], crop: Sequence[int], rng, random: bool) ->
     return out
 
 
-def read_crop(path: str, origin: Sequence[int], crop: Sequence[int], fill=0) -> np.ndarray:
-    """The crop of a .npy read through a memory map (only the pages it needs), padded with
-    `fill` where it leaves the volume."""
-    arr = np.load(path, mmap_mode="r")
+def overlap(
+    origin: Sequence[int], crop: Sequence[int], shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(in the volume, in the crop): the slices where a crop at `origin` (starts may be
+    negative) overlaps a volume of `shape`."""
     src, dst = [], []
-    for o, c, s in zip(origin, crop, arr.shape):
+    for o, c, s in zip(origin, crop, shape):
         lo, hi = max(o, 0), min(o + c, s)
         src.append(slice(lo, hi))
         dst.append(slice(lo - o, hi - o))
+    return tuple(src), tuple(dst)
+
+
+def crop_array(arr: np.ndarray, origin: Sequence[int], crop: Sequence[int], fill=0) -> np.ndarray:
+    """The crop of `arr` at `origin` over its leading axes, padded with `fill` outside it."""
+    src, dst = overlap(origin, crop, arr.shape)
     out = np.full(tuple(crop) + arr.shape[len(crop) :], fill, dtype=arr.dtype)
-    out[tuple(dst)] = arr[tuple(src)]
+    out[dst] = arr[src]
     return out
+
+
+def read_crop(path: str, origin: Sequence[int], crop: Sequence[int], fill=0) -> np.ndarray:
+    """The crop of a .npy read through a memory map (only the pages it needs), padded with
+    `fill` where it leaves the volume."""
+    return crop_array(np.load(path, mmap_mode="r"), origin, crop, fill)
 
 
 def rotation_indices(shape: Sequence[int], angle: float):

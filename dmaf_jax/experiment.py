@@ -20,6 +20,7 @@ import numpy as np
 from common import optim
 from common.checkpoint import Checkpointer
 from dmaf_jax import dtms, losses
+from dmaf_jax.inference import SlidingWindow
 from dmaf_jax.layers import bottleneck_grid, check_crop
 from dmaf_jax.modalities import SPECS, DatasetSpec
 from dmaf_jax.model import DMAFNet, build_model, init_variables
@@ -80,6 +81,20 @@ def grid(cfg) -> tuple[int, ...]:
 
 def model(cfg) -> DMAFNet:
     return build_model(cfg, spec_of(cfg))
+
+
+def inference_window(cfg) -> SlidingWindow:
+    """The sliding windows of validation, evaluation and prediction: the training crop, or
+    only the centred crop (`eval.window = "centre"`, MyoPS's protocol)."""
+    if cfg.eval.window not in ("sliding", "centre"):
+        raise ValueError(f"eval.window must be sliding or centre, not {cfg.eval.window!r}")
+    return SlidingWindow(
+        model(cfg),
+        model_crop(cfg),
+        cfg.eval.windows_per_call,
+        cfg.eval.overlap,
+        centre=cfg.eval.window == "centre",
+    )
 
 
 def steps_per_epoch(cfg, num_train: int) -> int:

@@ -9,7 +9,9 @@ steps plus `S - W` (s = W * (1 - overlap)); a volume smaller than the window on 
 padded with each channel's corner value and the prediction cropped back. The windows of a
 volume go through the network `windows_per_call` at a time (the last call padded by repeating
 a window, so the compiled shape never changes); softmax probabilities are summed per voxel
-and divided by the number of windows covering it. `predict(..., weights=True)` also averages
+and divided by the number of windows covering it. `centre=True` (MyoPS, spec 7.3: "single
+256^2 slice forward pass, no sliding window") predicts only the centred crop training uses
+(padded as training pads) and background outside it. `predict(..., weights=True)` also averages
 the level-1 DMAF attention maps (report figures; a third jitted function).
 
 `PerCombinationWindow` is the original's procedure, kept as the reference of tests and of
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmaf_jax import data
 from dmaf_jax.model import DMAFNet
 
 
@@ -68,9 +71,10 @@ class SlidingWindow:
         window: Sequence[int],
         windows_per_call: int = 2,
         overlap: float = 0.5,
+        centre: bool = False,
     ):
         self.model, self.window = model, tuple(window)
-        self.windows_per_call, self.overlap = windows_per_call, overlap
+        self.windows_per_call, self.overlap, self.centre = windows_per_call, overlap, centre
 
         def encode(params, x):
             return model.apply({"params": params}, x, method=DMAFNet.encode)
@@ -114,6 +118,8 @@ class SlidingWindow:
         `progress` wraps the iterable of window batches (e.g. a progress bar); `starts`
         restricts the windows to these start positions (benchmarks: voxels no window covers
         are 0)."""
+        if self.centre and starts is None:
+            return self._predict_centre(params, volume, masks, progress, weights)
         masks = np.asarray(masks, bool)
         shape = volume.shape[:-1]
         vol = pad_to_window(np.asarray(volume, np.float32), self.window)
@@ -145,6 +151,21 @@ class SlidingWindow:
             return acc[crop]
         att /= count
         return acc[crop], att[crop]
+
+    def _predict_centre(self, params, volume, masks, progress, weights):
+        shape, rank = volume.shape[:-1], len(self.window)
+        origin = data.crop_origin(shape, self.window, None, False)
+        x = data.crop_array(np.asarray(volume, np.float32), origin, self.window)
+        out = self.predict(params, x, masks, progress, weights=weights, starts=[(0,) * rank])
+        src, dst = data.overlap(origin, self.window, shape)
+        probs = np.zeros((len(masks), *shape, self.model.num_classes), np.float32)
+        probs[..., 0] = 1.0  # background outside the crop
+        probs[(slice(None),) + src] = (out[0] if weights else out)[(slice(None),) + dst]
+        if not weights:
+            return probs
+        att = np.zeros((len(masks), *shape, out[1].shape[-1]), np.float32)
+        att[(slice(None),) + src] = out[1][(slice(None),) + dst]
+        return probs, att
 
     def compilations(self) -> dict[str, int]:
         """How many programs each jitted function has compiled (one each is the aim)."""

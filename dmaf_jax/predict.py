@@ -27,7 +27,6 @@ from absl import logging
 from common import nifti
 from common.logging import progress
 from dmaf_jax import experiment, preprocess
-from dmaf_jax.evaluate import make_window
 from dmaf_jax.inference import to_model_input
 
 
@@ -124,7 +123,7 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> list[dict]:
         raise preprocess.CaseError(f"no case under {src} could be preprocessed")
     out_dir = pathlib.Path(cfg.predict.output or workdir / "predictions")
     out_dir.mkdir(parents=True, exist_ok=True)
-    window = make_window(cfg)
+    window = experiment.inference_window(cfg)
     results = []
     for name in progress(sorted(metas), desc="predict"):
         meta = metas[name]

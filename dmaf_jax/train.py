@@ -29,7 +29,7 @@ from common.logging import progress, read_jsonl
 from common.training import train_loop
 from dmaf_jax import data, dataset, dtms, experiment, losses
 from dmaf_jax.experiment import TrainState
-from dmaf_jax.inference import SlidingWindow, to_model_input
+from dmaf_jax.inference import to_model_input
 
 
 def availability_weights(prep: dataset.Prepared) -> np.ndarray:
@@ -112,12 +112,7 @@ def device_batch(cfg, batch: dict) -> dict:
 def validation_fn(cfg, cases: list[data.Case]):
     """(state, epoch) -> mean Dice of the selection regions, all modalities present."""
     spec = experiment.spec_of(cfg)
-    window = SlidingWindow(
-        experiment.model(cfg),
-        experiment.model_crop(cfg),
-        cfg.eval.windows_per_call,
-        cfg.eval.overlap,
-    )
+    window = experiment.inference_window(cfg)
     full = np.ones((1, len(spec.modalities)), bool)
     rank = experiment.spatial_rank(cfg)
 

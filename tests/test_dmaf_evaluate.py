@@ -77,7 +77,7 @@ def brats(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def brats_window(brats):
-    return evaluate.make_window(brats[0])
+    return experiment.inference_window(brats[0])
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,24 @@ def test_pad_to_window_uses_each_channels_corner_value(rng):
         assert (out[20:, :, :, c] == vol[0, 0, 0, c]).all()
         assert (out[:, :, 28:, c] == vol[0, 0, 0, c]).all()
     assert pad_to_window(vol, (16, 16, 16)) is vol
+
+
+def test_myops_predicts_only_the_centred_training_crop(myops, rng):
+    # Spec 7.3: one forward pass of the centred 256^2 crop per slice, no sliding window.
+    cfg, _, params = myops
+    window = experiment.inference_window(cfg)
+    assert window.centre
+    vol = rng.normal(size=(48, 37, 3)).astype(np.float32)  # 32^2 crop at rows 8, cols 2
+    masks = MYOPS.combination_masks()
+    probs = window.predict(params, vol, masks)
+    assert probs.shape == (len(masks), 48, 37, window.model.num_classes)
+    forward = PerCombinationWindow(experiment.model(cfg), experiment.model_crop(cfg))
+    crop = _direct(forward, params, vol[8:40, 2:34], masks[-1])
+    np.testing.assert_allclose(probs[-1, 8:40, 2:34], crop, atol=ATOL)
+    outside = np.ones((48, 37), bool)
+    outside[8:40, 2:34] = False
+    np.testing.assert_array_equal(probs[:, outside, 0], 1.0)
+    np.testing.assert_array_equal(probs[:, outside, 1:], 0.0)
 
 
 # XLA's CPU convolutions give float32 results that depend on the batch size (up to ~1e-5 in
@@ -361,7 +379,7 @@ def test_myops_slices_and_volumes_with_the_grid_spacing(myops, myops_eval):
     root = workdir / "preprocessed"
     meta = json.loads((root / "meta" / f"{subject}.json").read_text())
     assert meta["spacing"] == [1.25, 1.25, 8.0]  # the synthetic MyoPS grid
-    window = evaluate.make_window(cfg)
+    window = experiment.inference_window(cfg)
     preds, gts = [], []
     for name in slices:
         vol = to_model_input(np.load(root / "vol" / f"{name}_vol.npy"), 2)
