@@ -113,13 +113,17 @@ def step_flags(cfg, step: int, steps_per_epoch: int) -> tuple[bool, bool, bool]:
     """(warm, active, new_epoch) of a global step: MAF on, alpha/gamma may move, first step."""
     epoch, in_epoch = divmod(step, steps_per_epoch)
     warm = uses_fusion(cfg) and epoch >= cfg.train.warmup_epochs
-    active = epoch > cfg.train.warmup_epochs if cfg.faithful else warm
+    # RDO's activity follows the epoch, not the fusion switch: it acts in the fusion-off and
+    # single-stream ablations too.
+    active = epoch > cfg.train.warmup_epochs if cfg.faithful else epoch >= cfg.train.warmup_epochs
     return warm, active, in_epoch == 0
 
 
 def warm_after(cfg, epochs_done: int) -> bool:
-    """Whether a checkpoint taken after `epochs_done` epochs is evaluated with MAF on."""
-    return uses_fusion(cfg) and epochs_done >= cfg.train.warmup_epochs
+    """Whether a checkpoint taken after `epochs_done` epochs is evaluated with MAF on: as the
+    last epoch trained (epoch `epochs_done - 1`) ran, so the checkpoint after the last warm-up
+    epoch is evaluated, and chosen, as trained (without MAF)."""
+    return uses_fusion(cfg) and epochs_done - 1 >= cfg.train.warmup_epochs
 
 
 def train_metrics(rows: list[dict]) -> dict[str, float]:

@@ -125,3 +125,29 @@ def test_train_step_has_no_host_transfer():
         state, out = step(state, batch, *flags, warm=True)
         jax.block_until_ready(out)
     assert np.isfinite(float(out["loss"]))
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+@pytest.mark.parametrize("setting", [{}, {"model.fusion": False}, {"model.modalities": "bmode"}])
+def test_rdo_activity_follows_the_epoch_not_the_fusion(faithful, setting):
+    cfg = smoke(faithful=faithful, **{"train.warmup_epochs": 3}, **setting)
+    fused = not setting
+    first_active = 4 if faithful else 3  # the original's `epoch > warmup` (B15)
+    for epoch in range(6):
+        warm, active, new_epoch = train.step_flags(cfg, epoch * 5 + 1, 5)
+        assert warm == (fused and epoch >= 3)
+        assert active == (epoch >= first_active)
+        assert not new_epoch
+    assert train.step_flags(cfg, 10, 5)[2]
+
+
+@pytest.mark.parametrize("setting", [{}, {"model.fusion": False}])
+def test_validation_warm_is_the_last_trained_epochs(setting):
+    # After epochs_done epochs the last one trained was epoch epochs_done - 1; its validation
+    # and the checkpoint's `warm` must be what that epoch trained with.
+    cfg = smoke(**{"train.warmup_epochs": 3}, **setting)
+    spe = 5
+    for epochs_done in range(1, 7):
+        last_step = epochs_done * spe - 1
+        assert train.warm_after(cfg, epochs_done) == train.step_flags(cfg, last_step, spe)[0]
+    assert not train.warm_after(cfg, 3)  # after the last warm-up epoch: MAF never trained
