@@ -106,6 +106,7 @@ class Selection(NamedTuple):
     actions: jax.Array  # (2,) int32, after clamping
     alpha0: jax.Array
     gamma: jax.Array
+    active: jax.Array  # () bool: alpha0/gamma moved this step
 
 
 class RDOState(NamedTuple):
@@ -123,6 +124,7 @@ class RDOState(NamedTuple):
     key: jax.Array  # raw uint32 key data
     step: jax.Array
     dqn_loss: jax.Array  # last DQN loss, for logging
+    active_steps: jax.Array  # () int32: steps whose actions moved alpha/gamma (epsilon's clock)
 
 
 def state_vector(probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -197,10 +199,13 @@ def init_state(cfg: RDOConfig, key: jax.Array, state_dim: int) -> RDOState:
         key=jax.random.key_data(k_run),  # raw uint32: checkpointable as a plain array
         step=jnp.zeros((), jnp.int32),
         dqn_loss=jnp.zeros((), f32),
+        active_steps=jnp.zeros((), jnp.int32),
     )
 
 
 def epsilon(cfg: RDOConfig, step: jax.Array) -> jax.Array:
+    """Linear decay over the first `epsilon_decay_steps` *active* steps: exploration before
+    the actions move alpha and gamma would be spent for nothing."""
     frac = jnp.minimum(step / max(cfg.epsilon_decay_steps, 1), 1.0)
     return cfg.epsilon_start + frac * (cfg.epsilon_end - cfg.epsilon_start)
 
@@ -230,13 +235,13 @@ def select(cfg: RDOConfig, st: RDOState, s: jax.Array, active: jax.Array) -> Sel
         explore = jax.random.normal(k_explore, (2,)) < FAITHFUL_EXPLORE_THRESHOLD
         random_action = jax.random.randint(k_action, (2,), 0, n - 1)  # randint(0, 4): never 4
     else:
-        explore = jax.random.uniform(k_explore, (2,)) < epsilon(cfg, st.step)
+        explore = jax.random.uniform(k_explore, (2,)) < epsilon(cfg, st.active_steps)
         random_action = jax.random.randint(k_action, (2,), 0, n)
     actions = clamp_actions(cfg, jnp.where(explore, random_action, greedy), st.alpha0, st.gamma)
     deltas = jnp.asarray(cfg.action_deltas, jnp.float32)
     alpha0 = jnp.where(active, st.alpha0 + deltas[actions[0]], st.alpha0)
     gamma = jnp.where(active, st.gamma + deltas[actions[1]], st.gamma)
-    return Selection(actions, alpha0, gamma)
+    return Selection(actions, alpha0, gamma, jnp.asarray(active, bool))
 
 
 def push(buf: Buffer, s, a, r, s_next, valid: jax.Array) -> Buffer:
@@ -355,6 +360,7 @@ def transform(
             cumulative_tn=cum_tn,
             step=step,
             dqn_loss=loss,
+            active_steps=st.active_steps + rdo_selection.active.astype(jnp.int32),
         )
         return updates, new
 

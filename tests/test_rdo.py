@@ -35,7 +35,9 @@ def test_select_updates_alpha_gamma_only_when_active():
 
 def _actions(cfg, st, s, steps):
     return np.asarray(
-        jax.vmap(lambda t: rdo.select(cfg, st._replace(step=t), s, False).actions)(steps)
+        jax.vmap(lambda t: rdo.select(cfg, st._replace(step=t, active_steps=t), s, False).actions)(
+            steps
+        )
     )
 
 
@@ -162,6 +164,33 @@ def test_transform_pushes_one_step_late_and_passes_gradients():
     np.testing.assert_array_equal(np.asarray(buf.next_state[:2, 0]), [1.0, 2.0])
     # reward = 0.5 F1 + 0.5 (rec + spe - 1) with tp=1, fp=0, tn=2, fn=1
     np.testing.assert_allclose(float(buf.reward[0]), 0.5 * (2 / 3) + 0.5 * (0.5 + 1 - 1), 1e-6)
+
+
+def test_epsilon_counts_only_active_steps():
+    # Exploration is spent when actions move alpha/gamma: 30 inactive steps (the warm-up) leave
+    # epsilon at its start, the 5 active ones after them advance it.
+    std = rdo.RDOConfig(epsilon_start=1.0, epsilon_end=0.0, epsilon_decay_steps=10)
+    tx = rdo.transform(std, 6)
+    params = {"w": jnp.ones(3)}
+    opt = tx.init(params)
+    s = jnp.zeros(6)
+    for t in range(35):
+        st = rdo.find_state(opt)
+        sel = rdo.select(std, st, s, jnp.array(t >= 30))
+        _, opt = tx.update(
+            params,
+            opt,
+            params,
+            rdo_selection=sel,
+            rdo_state=s,
+            rdo_counts=jnp.array([1.0, 0.0, 2.0, 1.0]),
+            rdo_new_epoch=jnp.array(False),
+        )
+        if t == 29:
+            assert int(rdo.find_state(opt).active_steps) == 0
+    st = rdo.find_state(opt)
+    assert int(st.step) == 35 and int(st.active_steps) == 5
+    np.testing.assert_allclose(float(rdo.epsilon(std, st.active_steps)), 0.5)
 
 
 def test_faithful_reward_uses_cumulative_tn():
