@@ -190,6 +190,20 @@ def stratified_folds(
     return [sorted(f) for f in folds]
 
 
+def check_disjoint(given: list[dict[str, list[str]]]) -> None:
+    """A patient in two splits of one fold leaks test data into training: stop, naming them."""
+    for k, g in enumerate(given):
+        for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+            both = sorted(set(g[a]) & set(g[b]))
+            if both:
+                where = f"fold {k}: " if len(given) > 1 else ""
+                raise DataError(
+                    f"{where}{len(both)} patient(s) in both the {a} and the {b} split: "
+                    + ", ".join(both[:5])
+                    + (" ..." if len(both) > 5 else "")
+                )
+
+
 def plan_splits(
     labels: dict[str, int],
     given: list[dict[str, list[str]]] | None,
@@ -262,17 +276,33 @@ def load(
                 for i in missing:
                     problems.append(f"split {s}: patient {i} has no usable data; left out")
                 g[s] = [i for i in g[s] if i in records]
+        check_disjoint(given)
     labels = {i: r.label for i, r in records.items()}
     plan_path = pathlib.Path(workdir) / "splits.json"
+    inputs = {
+        "source": str(manifest or root),
+        "splits": str(splits) if splits and not manifest else None,
+        "folds": folds,
+        "seed": seed,
+    }
     if plan_path.exists():
-        plan = json.loads(plan_path.read_text())["folds"]
+        saved = json.loads(plan_path.read_text())
+        made_for = saved.get("inputs", inputs)  # files written before inputs were stored
+        changed = {k: (made_for.get(k), v) for k, v in inputs.items() if made_for.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise DataError(
+                f"{plan_path} was planned for other data settings ({what}): use a new workdir, "
+                "or delete it to plan again"
+            )
+        plan = saved["folds"]
         unknown = {i for f in plan for s in SPLITS for i in f[s]} - set(records)
         if unknown:
             raise DataError(f"{plan_path} names patients not in the data: {sorted(unknown)[:5]}")
     else:
         plan = plan_splits(labels, given, folds, seed)
         plan_path.parent.mkdir(parents=True, exist_ok=True)
-        plan_path.write_text(json.dumps({"seed": seed, "folds": plan}, indent=1))
+        plan_path.write_text(json.dumps({"seed": seed, "inputs": inputs, "folds": plan}, indent=1))
     for p in problems:
         logging.warning("data: %s", p)
     return FamfData(records, plan, problems)

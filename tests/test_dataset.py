@@ -115,3 +115,35 @@ def test_manifest(tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text("id,image\n1,a.jpg\n")
         dataset.load(root=None, splits=None, manifest=str(bad), folds=1, seed=0, workdir=tmp_path)
+
+
+def _flat_splits(splits, lists):
+    for s, ids in lists.items():
+        (splits / s).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            (splits / s / i).touch()
+
+
+def test_given_splits_must_not_share_patients(tmp_path):
+    root, splits = tmp_path / "data", tmp_path / "splits"
+    for i in range(5):
+        write_patient(root, f"P{i}", i % 2)
+    _flat_splits(splits, {"train": ["P0", "P1", "P4"], "valid": ["P2"], "test": ["P3", "P4"]})
+    with pytest.raises(dataset.DataError, match="both the train and the test split: P4"):
+        dataset.load(
+            root=str(root), splits=str(splits), manifest=None, folds=1, seed=0, workdir=tmp_path
+        )
+
+
+def test_saved_plan_is_reused_only_for_the_same_settings(tmp_path):
+    root = tmp_path / "data"
+    for i in range(10):
+        write_patient(root, f"P{i}", i % 2)
+    work = tmp_path / "w"
+    kw = dict(root=str(root), splits=None, manifest=None, workdir=work)
+    first = dataset.load(**kw, folds=2, seed=0)
+    assert dataset.load(**kw, folds=2, seed=0).folds == first.folds
+    with pytest.raises(dataset.DataError, match="folds 2 -> 3"):
+        dataset.load(**kw, folds=3, seed=0)
+    with pytest.raises(dataset.DataError, match="seed 0 -> 1"):
+        dataset.load(**kw, folds=2, seed=1)
