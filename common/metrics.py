@@ -179,14 +179,16 @@ def clinical_extras(
 
 
 def summarise_folds(per_fold: Sequence[dict[str, float]], keys: Sequence[str]) -> dict:
-    """{key: {'mean', 'std'}} over folds (population std; NaN folds ignored)."""
+    """{key: {'mean', 'std'}} over folds, NaN folds ignored. The std is the sample standard
+    deviation (ddof 1), what "mean ± sd" over cross-validation folds conventionally reports;
+    NaN with fewer than two folds."""
     out = {}
     for k in keys:
         v = np.array([f[k] for f in per_fold], dtype=np.float64)
         v = v[~np.isnan(v)]
         out[k] = {
             "mean": float(v.mean()) if len(v) else math.nan,
-            "std": float(v.std()) if len(v) else math.nan,
+            "std": float(v.std(ddof=1)) if len(v) > 1 else math.nan,
         }
     return out
 

@@ -46,8 +46,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _overlay_rows(cfg, variables, records, n: int) -> list[dict]:
-    if n <= 0 or not records:
+def _overlay_rows(cfg, variables, records, n: int, warm: bool) -> list[dict]:
+    # A checkpoint taken before the warm-up ended is evaluated without MAF: its CAMs are not
+    # part of its prediction, and a warm pass would show an untrained MAF's.
+    if n <= 0 or not records or not warm:
         return []
     picks = sorted(records, key=lambda r: -r.label)[:n]  # malignant first: the rarer class
     batch = next(iter(iterate(pipeline.eval_dataset(picks, image_config(cfg)), 0, len(picks))))
@@ -111,7 +113,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         )
         curves.append((f"fold {k}", y, p))
         if first_vars is None:
-            first_vars = (variables, test_records)
+            first_vars = (variables, test_records, warm)
     if len(folds) == 1:
         test_summary = {k: v for k, v in folds[0]["test"].items()}
     else:
@@ -155,7 +157,7 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
     rdo_png = _rdo_plot(workdir, 0, figs / "rdo_trajectory.png")
     overlay_png = None
     if first is not None:
-        rows = _overlay_rows(cfg, first[0], first[1], cfg.eval.overlays)
+        rows = _overlay_rows(cfg, *first[:2], cfg.eval.overlays, warm=first[2])
         if rows:
             overlay_png = viz.cam_overlays(rows, figs / "cam_overlays.png")
 

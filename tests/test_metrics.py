@@ -47,4 +47,6 @@ def test_calibration():
 
 def test_summarise_folds():
     s = metrics.summarise_folds([{"f1": 0.5}, {"f1": 0.7}], ["f1"])
-    np.testing.assert_allclose([s["f1"]["mean"], s["f1"]["std"]], [0.6, 0.1])
+    np.testing.assert_allclose([s["f1"]["mean"], s["f1"]["std"]], [0.6, 0.1 * np.sqrt(2)])
+    one = metrics.summarise_folds([{"f1": 0.5}, {"f1": float("nan")}], ["f1"])
+    assert one["f1"]["mean"] == 0.5 and np.isnan(one["f1"]["std"])
