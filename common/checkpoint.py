@@ -86,10 +86,15 @@ class Checkpointer:
                 best, best_value = step, value
         return best
 
+    def has_data(self, step: int) -> bool:
+        """Whether `step` holds a data iterator position (an imported checkpoint does not)."""
+        return (self.directory / str(step) / "data").is_dir()
+
     def restore(self, step: int, state_template: Any, *, data_iterator: Any = None):
-        """(state, meta) of `step`; `data_iterator`, if given, is moved to the saved position."""
+        """(state, meta) of `step`; `data_iterator`, if given, is moved to the saved position
+        when the checkpoint holds one (otherwise it stays where it is)."""
         items = {"state": ocp.args.StandardRestore(state_template), "meta": ocp.args.JsonRestore()}
-        if data_iterator is not None:
+        if data_iterator is not None and self.has_data(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], dict(out["meta"])

@@ -211,6 +211,8 @@ def train_loop(
         state, saved = checkpointer.restore(latest, state, data_iterator=data)
         state = jax.tree_util.tree_map(jnp.asarray, state)
         logging.info("%s: resumed at step %d (epoch %s)", desc, latest, saved.get("epoch"))
+        if not checkpointer.has_data(latest):
+            logging.info("%s: that checkpoint holds no data position; data from the start", desc)
     start = _step_of(state)
     dropped = writer.drop_after(start)
     if dropped:

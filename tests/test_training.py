@@ -305,3 +305,15 @@ def test_data_too_short_is_a_clear_error(tmp_path):
             log_exclude=("count", "outer"),
         )
     ckpt.close()
+
+
+def test_resume_from_a_checkpoint_without_data_position(tmp_path):
+    # An imported checkpoint (FAMF's --mode=import_torch) has state and meta only: training
+    # starts from it with the data at the beginning, as a run from step 0 would.
+    ckpt = Checkpointer(tmp_path / "imported" / "ckpt")
+    ckpt.save(0, init_state(), {"step": 0, "epoch": 0})
+    assert not ckpt.has_data(0)
+    ckpt.close()
+    state_a, _ = run(tmp_path / "imported", best=())
+    state_b, _ = run(tmp_path / "fresh", best=())
+    assert_states_equal(state_a, state_b)
