@@ -17,6 +17,8 @@ Deviations from the original unless `faithful` (spec section 6):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -96,13 +98,43 @@ def bmode_centre(cam: jax.Array, faithful: bool) -> jax.Array:
     return centre
 
 
+def _window_sums(x: jax.Array, w: int) -> jax.Array:
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (w, w), (1, 1), "VALID")
+
+
+def exact_window_argmax(cam: jax.Array, w: int) -> jax.Array:
+    """Flat index of the w x w window with the largest sum of a float32 map in [0, inf), as a
+    float64 sum would choose it (the original's `scipy.signal.convolve2d`), in float32.
+
+    Near-tied sums (875.91896558 vs 875.91885728, closer than float32's resolution there)
+    decide the SWE centre. Each value splits exactly into three parts on fixed grids: `hi`
+    (multiples of 2^-b), `mid` (multiples of 2^-2b) and `lo` (< 2^-2b), b chosen so that a
+    window's sums of `hi` and of `mid` are exact in float32 whatever the order; only the tiny
+    `lo` sums round (~1e-12). After carrying each part's excess into the next coarser one the
+    triples compare lexicographically; ties go to the first window, as numpy's argmax."""
+    b = 24 - math.ceil(math.log2(w * w))  # w^2 values of < 2^b units each: sums < 2^24 units
+    u1, u2 = jnp.float32(2.0**b), jnp.float32(2.0 ** (2 * b))
+    x = cam.astype(jnp.float32)
+    hi = jnp.floor(x * u1) / u1
+    mid = jnp.floor((x - hi) * u2) / u2
+    lo = x - hi - mid
+    h, m, low = (_window_sums(p, w).reshape(-1) for p in (hi, mid, lo))
+    carry = jnp.floor(low * u2)  # lo's whole units of 2^-2b into mid, then mid's into hi
+    m, low = m + carry / u2, low - carry / u2
+    carry = jnp.floor(m * u1)
+    h, m = h + carry / u1, m - carry / u1
+    best = h == h.max()
+    best &= m == jnp.where(best, m, -jnp.inf).max()
+    best &= low == jnp.where(best, low, -jnp.inf).max()
+    return jnp.argmax(best)
+
+
 def swe_centre(cam: jax.Array) -> jax.Array:
     """SWE lesion centre: the S/4 x S/4 window with the largest CAM sum -> (2,) int32."""
     s = cam.shape[0]
     w = s // 4
-    sums = jax.lax.reduce_window(cam, 0.0, jax.lax.add, (w, w), (1, 1), "VALID")
-    n = sums.shape[1]
-    best = jnp.argmax(sums.reshape(-1))
+    n = s - w + 1
+    best = exact_window_argmax(cam, w)
     return jnp.stack([best // n + w // 2, best % n + w // 2]).astype(jnp.int32)
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import signal
 
 from famf_jax import raa
 from parity.raa_reference import bmode_centre as reference_bmode_centre
@@ -110,3 +111,38 @@ def test_alignment_moves_swe_region_onto_bmode_centre():
     d = np.asarray(swapped["centre_swe"][0] - swapped["centre_bmode"][0])
     np.testing.assert_array_equal(np.asarray(swapped["shift_to_bmode"][0]), d[::-1])
     np.testing.assert_array_equal(np.asarray(swapped["shift_to_swe"][0]), -d[::-1])
+
+
+def _near_tie(rng, size=128, gap=None):
+    """A smooth CAM (as the paper's lesions) whose two best windows (float64) differ by `gap`
+    (default: below float32's resolution at their magnitude)."""
+    w = size // 4
+    f = blob_cams(rng, 1, size)[0].astype(np.float64)
+    f = np.clip(f + 0.3, 0, 1).astype(np.float32)  # large window sums (hundreds)
+    sums = signal.convolve2d(f.astype(np.float64), np.ones((w, w)), "valid")
+    order = np.argsort(sums, axis=None)[::-1]
+    first = np.unravel_index(order[0], sums.shape)
+    # a second window whose sum is near and that does not overlap the first
+    for idx in order[1:]:
+        second = np.unravel_index(idx, sums.shape)
+        if max(abs(second[0] - first[0]), abs(second[1] - first[1])) >= w:
+            break
+    target = sums[first] - (gap if gap is not None else rng.uniform(1e-6, 6e-5))
+    r, c = second[0] + w // 2, second[1] + w // 2  # one pixel of the second window only
+    f[r, c] = np.float32(f[r, c] + (target - sums[second]))
+    return f
+
+
+def test_swe_centre_decides_near_ties_as_float64(rng):
+    cams = np.stack([_near_tie(rng) for _ in range(40)])
+    got = np.asarray(jax.jit(jax.vmap(raa.swe_centre))(jnp.asarray(cams)))
+    want = np.array([reference_swe_centre(c.astype(np.float64)) for c in cams])
+    np.testing.assert_array_equal(got, want)
+    # Plain float32 window sums get some of these wrong: the test can fail.
+    w = 32
+    plain = [
+        np.unravel_index(int(jnp.argmax(raa._window_sums(jnp.asarray(c), w))), (128 - w + 1,) * 2)
+        for c in cams
+    ]
+    plain = np.array(plain) + w // 2
+    assert (plain != want).any(axis=1).sum() >= 1
