@@ -6,9 +6,12 @@ logit difference: for stream s and predicted class c,
 
     cam_s = minmax(relu(sum_k (W10[k, c] - W10[k, 1 - c]) * A^s[..., k]))
 
-No backward pass is needed. Deviation (B20): the normalisation divides by `max + 1e-8`, so a
-constant map becomes all zeros instead of the original's all-NaN; `raa.bmode_centre` reproduces
-the original's centre for that case when faithful.
+No backward pass is needed. `faithful=True` keeps torchcam's float32 arithmetic instead: the
+softmax derivative's coefficients p_c (1 - p_c) and -p_c p_o as autograd forms them, so once
+p_c rounds to 1 the W_c term vanishes and the map becomes relu(-sum W_o A), as the original's
+does for a confident model (the positive factor 1/HW cancels in the normalisation).
+Deviation (B20): a constant map becomes all zeros instead of the original's all-NaN;
+`raa.bmode_centre` reproduces the original's centre for that case when faithful.
 """
 
 from __future__ import annotations
@@ -16,26 +19,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NORMALISATION_EPS = 1e-8
-
 
 def minmax_normalise(cam: jax.Array) -> jax.Array:
-    """Per-sample (cam - min) / max_after_shift, (B, h, w) -> (B, h, w) in [0, 1]."""
+    """Per-sample (cam - min) / max_after_shift, (B, h, w) -> (B, h, w) in [0, 1]; a constant
+    map gives zeros. No epsilon: a faithful CAM of a confident model is ~1e-18 in scale."""
     cam = cam - cam.min(axis=(1, 2), keepdims=True)
-    return cam / (cam.max(axis=(1, 2), keepdims=True) + NORMALISATION_EPS)
+    top = cam.max(axis=(1, 2), keepdims=True)
+    return cam / jnp.where(top > 0, top, 1.0)
 
 
 def closed_form_cams(
-    f9_bmode: jax.Array, f9_swe: jax.Array, conv10_kernel: jax.Array, probs: jax.Array
+    f9_bmode: jax.Array,
+    f9_swe: jax.Array,
+    conv10_kernel: jax.Array,
+    probs: jax.Array,
+    faithful: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """CAMs of the predicted class for both streams, constants for differentiation.
 
     f9_*: (B, h, w, K) fire9 activations of the warm-off pass; conv10_kernel: (1, 1, 2K, 2)
-    with the B-mode channels first; probs: (B, 2). Returns two (B, h, w) maps in [0, 1].
+    with the B-mode channels first; probs: (B, 2) float32. Returns two (B, h, w) maps in [0, 1].
     """
     w = conv10_kernel.reshape(conv10_kernel.shape[-2], conv10_kernel.shape[-1])  # (2K, 2)
     c = jnp.argmax(probs, axis=-1)
-    diff = (w[:, c] - w[:, 1 - c]).T  # (B, 2K)
+    if faithful:
+        # Softmax's VJP of the one-hot score, p * (e_c - p_c), in float32 as autograd forms it.
+        p_c = jnp.take_along_axis(probs, c[:, None], 1)[:, 0]
+        p_o = jnp.take_along_axis(probs, 1 - c[:, None], 1)[:, 0]
+        a, b = p_c * (1.0 - p_c), p_o * (0.0 - p_c)
+        diff = (a[:, None] * w[:, c].T) + (b[:, None] * w[:, 1 - c].T)  # (B, 2K)
+    else:
+        diff = (w[:, c] - w[:, 1 - c]).T  # (B, 2K)
     k = f9_bmode.shape[-1]
     hp = jax.lax.Precision.HIGHEST
 

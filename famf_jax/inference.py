@@ -60,6 +60,7 @@ def two_pass(
         first["f9_swe"],
         variables["params"]["conv10"]["kernel"],
         first["probs"],
+        faithful=model.faithful,
     )
     if every_pass_statistics:
         second, stats = run(stats1, bmode, swe, *cams, warm=True)

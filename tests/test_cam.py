@@ -47,3 +47,41 @@ def test_constant_cam_is_zero_not_nan():
     f9 = jnp.zeros((1, 4, 4, 8))
     cams = closed_form_cams(f9, f9, jnp.ones((1, 1, 16, 2)), jnp.array([[0.4, 0.6]]))
     assert not np.isnan(np.asarray(cams[0])).any() and float(cams[0].max()) == 0.0
+
+
+def test_faithful_cams_of_a_confident_model_follow_autograd():
+    # p_c rounds to 1 in float32: autograd's coefficient p_c (1 - p_c) of W_c is 0 and the CAM
+    # becomes relu(-sum W_o A); the exact closed form keeps W_c - W_o.
+    keys = jax.random.split(jax.random.key(1), 3)
+    b, h, k = 2, 8, 16
+    f9_b = jax.nn.relu(jax.random.normal(keys[0], (b, h, h, k)))
+    f9_s = jax.nn.relu(jax.random.normal(keys[1], (b, h, h, k)))
+    kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
+    bias = jnp.array([40.0, 0.0])  # a saturated logit pair
+    x = jnp.concatenate([f9_b, f9_s], -1)
+    probs = jax.nn.softmax(jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias, -1)
+    assert (probs[:, 0] == 1.0).all() and (probs[:, 1] > 0).all()
+    want = xgradcam_by_autodiff(f9_b, f9_s, kernel, bias)
+    faithful = closed_form_cams(f9_b, f9_s, kernel, probs, faithful=True)
+    exact = closed_form_cams(f9_b, f9_s, kernel, probs)
+    w_o = kernel[0, 0, :, 1]
+    for g, w, e, a, wo in zip(faithful, want, exact, (f9_b, f9_s), (w_o[:k], w_o[k:])):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+        by_hand = jax.nn.relu(-jnp.einsum("k,bhwk->bhw", wo, a))
+        by_hand = by_hand - by_hand.min((1, 2), keepdims=True)
+        by_hand = by_hand / by_hand.max((1, 2), keepdims=True)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(by_hand), atol=1e-5)
+        assert np.abs(np.asarray(g) - np.asarray(e)).max() > 0.1
+
+
+def test_faithful_and_exact_agree_when_not_saturated():
+    keys = jax.random.split(jax.random.key(2), 3)
+    f9_b = jax.nn.relu(jax.random.normal(keys[0], (3, 8, 8, 16)))
+    f9_s = jax.nn.relu(jax.random.normal(keys[1], (3, 8, 8, 16)))
+    kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 32, 2))
+    probs = jnp.array([[0.3, 0.7], [0.9, 0.1], [0.5001, 0.4999]])
+    for f, e in zip(
+        closed_form_cams(f9_b, f9_s, kernel, probs, faithful=True),
+        closed_form_cams(f9_b, f9_s, kernel, probs),
+    ):
+        np.testing.assert_allclose(np.asarray(f), np.asarray(e), atol=1e-5)
