@@ -144,3 +144,24 @@ def find_state(opt_state: Any, kind: type[T]) -> T | None:
             if found is not None:
                 return found
     return None
+
+
+def hold(new: T, old: T, held: Any) -> T:
+    """`new` with the leaves marked in `held` (a bool pytree shaped like the parameters) taken
+    from `old`, in every parameter-shaped subtree (parameters, momenta, second moments).
+
+    PyTorch's optimisers skip a parameter whose `.grad` is None (not in this step's graph): no
+    weight decay, no momentum update. Under jit such a parameter gets a zero gradient instead,
+    which coupled L2 and momentum would still move; applied to (params, opt_state) after the
+    update, this holds them. Step counts are shared and keep counting."""
+    struct = jax.tree.structure(held)
+
+    def shaped(x) -> bool:
+        return jax.tree.structure(x) == struct
+
+    def pick(n, o):
+        if not shaped(n):
+            return n
+        return jax.tree.map(lambda h, a, b: b if h else a, held, n, o)
+
+    return jax.tree.map(pick, new, old, is_leaf=shaped)

@@ -4,8 +4,10 @@ Per step: CAM pass (warm off), closed-form CAMs, main pass (warm on after the wa
 RDO agent's action from the step's own probabilities, the focal loss with the resulting alpha and
 gamma, and the optimiser step (RDO is part of the optimiser chain, see rdo.py). Deviations
 from the original unless `faithful`: batch statistics are written by the main pass only (B11);
-the look-ahead batch is replaced by a one-step-late transition (B9, B10); the alpha/gamma
-updates start at the warm-up epoch, like MAF (B15; faithful: one epoch later).
+the alpha/gamma updates start at the warm-up epoch (B15; faithful: one epoch later). In both
+modes: the look-ahead batch is replaced by a one-step-late transition (B9, B10: the next state
+is the next step's own batch), and MAF's parameters do not move before the warm-up ends (the
+original's SGD skips parameters without a gradient).
 
 This file holds the step, its flags per step and the train metrics; the loop (resume, logging,
 validation cadence, best checkpoints) is `common.training.train_loop`, and the state, data and
@@ -25,6 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from common import optim
 from common.loader import iterate
 from common.training import TrainResult, train_loop
 from famf_jax import dataset, pipeline, rdo
@@ -93,6 +96,10 @@ def train_step(cfg, tx, state: TrainState, batch: dict, active, new_epoch, *, wa
         )
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extras)
     params = optax.apply_updates(state.params, updates)
+    if not warm and "muatt_1" in state.params:
+        # MAF is not in this step's graph: the original's SGD skips it (grad None), no decay.
+        held = {k: jax.tree.map(lambda _, f=k == "muatt_1": f, v) for k, v in state.params.items()}
+        params, opt_state = optim.hold((params, opt_state), (state.params, state.opt_state), held)
     new = TrainState(state.step + 1, params, aux["batch_stats"], opt_state)
     out = {"loss": loss, "counts": counts}
     r = rdo.find_state(opt_state)

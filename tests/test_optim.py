@@ -17,6 +17,8 @@ import pytest
 
 from common.optim import (
     epoch_of_step,
+    find_state,
+    hold,
     poly_lr,
     poly_schedule,
     pytorch_adamw_amsgrad,
@@ -370,3 +372,19 @@ def test_poly_schedule_per_epoch_rounded():
     assert float(sched(jnp.int32(10 * epochs * ipe))) == 0.0
     # The rounding is visible: 2e-4 * (1 - 1/300)^0.9 = 1.99399...e-4 -> 1.994e-4.
     assert poly_lr(LR, 1, epochs) == 1.994e-4
+
+
+def test_hold_keeps_marked_leaves_in_every_parameter_shaped_subtree():
+    params = {"a": jnp.ones(2), "b": {"c": jnp.ones(3)}}
+    tx = optax.chain(optax.add_decayed_weights(0.5), optax.sgd(0.1, momentum=0.9))
+    opt = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, new_opt = tx.update(grads, opt, params)
+    new = optax.apply_updates(params, updates)
+    held = {"a": False, "b": {"c": True}}
+    p, o = hold((new, new_opt), (params, opt), held)
+    np.testing.assert_array_equal(p["b"]["c"], 1.0)  # held: no decay, no step
+    np.testing.assert_allclose(p["a"], 1.0 - 0.1 * 1.5)  # moved: gradient + L2
+    trace = find_state(o, optax.TraceState).trace
+    np.testing.assert_array_equal(trace["b"]["c"], 0.0)  # momentum not started
+    np.testing.assert_allclose(trace["a"], 1.5)

@@ -7,8 +7,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from common import optim
 from configs import famf as famf_config
 from conftest import REPO
 from famf_jax import experiment, train
@@ -151,3 +153,32 @@ def test_validation_warm_is_the_last_trained_epochs(setting):
         last_step = epochs_done * spe - 1
         assert train.warm_after(cfg, epochs_done) == train.step_flags(cfg, last_step, spe)[0]
     assert not train.warm_after(cfg, 3)  # after the last warm-up epoch: MAF never trained
+
+
+def test_cold_step_leaves_maf_and_its_momentum_alone():
+    # Before the warm-up ends MAF is not in the original's graph: PyTorch's SGD skips it (no
+    # L2 decay, no momentum); every other parameter moves.
+    cfg = smoke(**{"train.optimizer": "sgd", "train.weight_decay": 0.1})  # the paper's SGD
+    state, tx = experiment.create_state(cfg, 5)
+    before = jax.tree.map(np.asarray, state.params)
+    step = train.jit_train_step(cfg, tx)
+    shape = (cfg.train.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
+    key = jax.random.key(1)
+    batch = {
+        "bmode": jax.random.uniform(key, shape, minval=-1, maxval=1),
+        "swe": jax.random.uniform(jax.random.fold_in(key, 1), shape, minval=-1, maxval=1),
+        "label": jnp.array([0, 1, 0, 1], jnp.int32),
+    }
+    state, _ = step(state, batch, jnp.array(False), jnp.array(True), warm=False)
+    after = jax.tree.map(np.asarray, state.params)
+    for a, b in zip(jax.tree.leaves(before["muatt_1"]), jax.tree.leaves(after["muatt_1"])):
+        np.testing.assert_array_equal(a, b)
+    trace = optim.find_state(state.opt_state, optax.TraceState).trace
+    assert all(not np.asarray(t).any() for t in jax.tree.leaves(trace["muatt_1"]))
+    moved = [
+        not np.array_equal(a, b)
+        for k in before
+        if k != "muatt_1"
+        for a, b in zip(jax.tree.leaves(before[k]), jax.tree.leaves(after[k]))
+    ]
+    assert all(moved)
