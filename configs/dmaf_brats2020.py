@@ -1,7 +1,7 @@
 """DMAF-Net on BraTS2020: `configs/dmaf_brats2020.py` (= paper), `:paper`, `:demo`, `:smoke`.
 
 Paper: the RFNet 219/50/100 split and the mr2468 CSV shipped in dmaf_jax/data/brats2020 (used
-when the preprocessed names match), 80^3 crops, fixed per-case masks. Demo: 6 synthetic cases in
+when the preprocessed names match), 80^3 crops, fixed per-case masks. Demo: 16 synthetic cases in
 the real raw layout, generated and preprocessed on first use. Smoke: small volumes, for tests.
 """
 
@@ -12,18 +12,22 @@ def get_config(variant: str = "paper"):
     c = base_config("brats2020", variant)
     c.data.missing_rate = "mr2468"
     if variant == "demo":
-        # 16 synthetic cases at 2 mm voxels, a 32^3 crop and a narrow network: preprocess,
-        # train and evaluate in minutes on a 2-core CPU. DTMS epochs scaled to the short run.
+        # 16 synthetic cases at 3 mm voxels, a 32^3 crop and a narrow network: preprocess,
+        # train and evaluate in about 15 minutes on a 2-core CPU. DTMS epochs scaled to the
+        # short run. At 3 mm a crop spans 96 mm, most of a hemisphere: the pre-norm instance
+        # norms see enough context to tell oedema from bright healthy texture (at 2 mm, 64 mm
+        # crops: test WT Dice 0.33 after the same number of steps; at 3 mm 0.77 (60 epochs)
+        # and 0.85 (80), measured), and a case has 12 windows to evaluate instead of 45.
         c.data.synthetic_cases = 16
-        c.data.zoom = 0.5
+        c.data.zoom = 1 / 3
         c.data.crop = (32, 32, 32)
-        c.data.foreground_crop = 0.5  # 32^3 crops at uniform corners rarely hold the tumour
+        c.data.foreground_crop = 1 / 3  # nnU-Net's share of tumour-centred crops
         c.model.channels = (4, 8, 16, 32, 64)
         c.model.token_dim = 64
         c.model.heads = 4
         c.model.depth = 2
         c.model.mlp = 128
-        c.train.epochs = 60
+        c.train.epochs = 80
         c.train.learning_rate = 2e-3
         c.train.eval_every = 20
         c.train.checkpoint_every = 10
