@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import pathlib
 from collections.abc import Sequence
@@ -190,6 +191,10 @@ def stratified_folds(
     return [sorted(f) for f in folds]
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_disjoint(given: list[dict[str, list[str]]]) -> None:
     """A patient in two splits of one fold leaks test data into training: stop, naming them."""
     for k, g in enumerate(given):
@@ -279,9 +284,11 @@ def load(
         check_disjoint(given)
     labels = {i: r.label for i, r in records.items()}
     plan_path = pathlib.Path(workdir) / "splits.json"
+    # What the plan depends on: the patients and labels, the given lists, folds and seed (not
+    # the spelling of a path, so a moved or re-addressed workdir still evaluates).
     inputs = {
-        "source": str(manifest or root),
-        "splits": str(splits) if splits and not manifest else None,
+        "patients": _digest(sorted(labels.items())),
+        "given": _digest(given) if given else None,
         "folds": folds,
         "seed": seed,
     }
@@ -292,8 +299,8 @@ def load(
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise DataError(
-                f"{plan_path} was planned for other data settings ({what}): use a new workdir, "
-                "or delete it to plan again"
+                f"{plan_path} was planned for other data settings ({what}; the run's settings "
+                "are in config.json): use a new workdir, or delete it to plan again"
             )
         plan = saved["folds"]
         unknown = {i for f in plan for s in SPLITS for i in f[s]} - set(records)

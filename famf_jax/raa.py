@@ -103,15 +103,17 @@ def _window_sums(x: jax.Array, w: int) -> jax.Array:
 
 
 def exact_window_argmax(cam: jax.Array, w: int) -> jax.Array:
-    """Flat index of the w x w window with the largest sum of a float32 map in [0, inf), as a
-    float64 sum would choose it (the original's `scipy.signal.convolve2d`), in float32.
+    """Flat index of the w x w window with the largest sum of a float32 map in [0, 1] (a
+    normalised CAM), as a float64 sum would choose it (the original's
+    `scipy.signal.convolve2d`), in float32.
 
     Near-tied sums (875.91896558 vs 875.91885728, closer than float32's resolution there)
     decide the SWE centre. Each value splits exactly into three parts on fixed grids: `hi`
     (multiples of 2^-b), `mid` (multiples of 2^-2b) and `lo` (< 2^-2b), b chosen so that a
     window's sums of `hi` and of `mid` are exact in float32 whatever the order; only the tiny
-    `lo` sums round (~1e-12). After carrying each part's excess into the next coarser one the
-    triples compare lexicographically; ties go to the first window, as numpy's argmax."""
+    `lo` sums round (below 1e-7 in the worst case, ~1e-12 typically). After carrying each
+    part's excess into the next coarser one the triples compare lexicographically; ties go to
+    the first window, as numpy's argmax."""
     b = 24 - math.ceil(math.log2(w * w))  # w^2 values of < 2^b units each: sums < 2^24 units
     u1, u2 = jnp.float32(2.0**b), jnp.float32(2.0 ** (2 * b))
     x = cam.astype(jnp.float32)

@@ -147,3 +147,13 @@ def test_saved_plan_is_reused_only_for_the_same_settings(tmp_path):
         dataset.load(**kw, folds=3, seed=0)
     with pytest.raises(dataset.DataError, match="seed 0 -> 1"):
         dataset.load(**kw, folds=2, seed=1)
+    # The same data addressed another way (a moved workdir, a relative path) is the same plan.
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    again = dataset.load(
+        root=f"{moved}/../moved", splits=None, manifest=None, workdir=work, folds=2, seed=0
+    )
+    assert again.folds == first.folds
+    write_patient(moved, "P10", 1)  # other data: another plan
+    with pytest.raises(dataset.DataError, match="patients"):
+        dataset.load(root=str(moved), splits=None, manifest=None, workdir=work, folds=2, seed=0)
