@@ -294,8 +294,10 @@ def load(
     }
     if plan_path.exists():
         saved = json.loads(plan_path.read_text())
-        made_for = saved.get("inputs", inputs)  # files written before inputs were stored
-        changed = {k: (made_for.get(k), v) for k, v in inputs.items() if made_for.get(k) != v}
+        made_for = saved.get("inputs", {})  # older files store fewer inputs (or none)
+        changed = {
+            k: (made_for[k], v) for k, v in inputs.items() if k in made_for and made_for[k] != v
+        }
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise DataError(
