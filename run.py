@@ -97,6 +97,7 @@ def main(argv):
     logging.info(
         "config %s:%s, mode %s, workdir %s", cfg.model_name, cfg.variant, FLAGS.mode, workdir
     )
+    from common.training import Interrupted
     from famf_jax.dataset import DataError
 
     try:
@@ -108,6 +109,9 @@ def main(argv):
             raise ValueError(f"unknown model {cfg.model_name!r}")
     except (DataError, FileNotFoundError, ValueError) as e:  # CaseError is a ValueError
         sys.exit(f"error: {e}")
+    except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was saved
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":  # Grain's worker processes re-import this module

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import grain
 
 
@@ -27,5 +31,22 @@ def iterate(
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     if workers > 0:
         opts = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer)
-        it = it.mp_prefetch(opts)
+        it = it.mp_prefetch(opts, worker_init_fn=exit_with_parent)
     return it
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+    """In a worker process: exit as soon as the process that started it is gone.
+
+    A SIGKILL of the main process leaves no chance to stop Grain's workers, which then live on
+    (re-parented); a daemon thread polling the parent's pid ends them within a second."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -55,6 +55,9 @@ What the loop does:
   checkpoints carry `metrics: None`. Every `checkpoint_every`-th epoch (0: never) a checkpoint
   is saved for resume without evaluation; the last step is always saved. Each checkpoint's
   meta is `meta` (or `meta(epoch)`) plus `epoch`, `step` and `metrics`.
+- SIGINT and SIGTERM (in the main thread) end the step that is running, flush its rows, save a
+  checkpoint at that step with the data position (meta `interrupted`: the signal's name) and
+  raise `Interrupted`; the next call resumes from it exactly, as from any checkpoint.
 - Returns the final state and a `TrainResult`, also written to `<workdir>/train_summary.json`:
   per criterion the best step and its metrics, the latest checkpoint's step, epoch and metrics,
   and the seconds this call took.
@@ -62,10 +65,13 @@ What the loop does:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
@@ -88,6 +94,31 @@ class TrainResult:
     best: dict[str, dict]  # criterion -> {"step": int | None, "metrics": dict | None}
     last: dict  # {"step", "epoch", "metrics"} of the latest checkpoint
     seconds: float  # wall time of this call (a resumed run counts its own part)
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving a checkpoint at `step`."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: checkpoint saved at step {step}; --mode=train resumes there")
+
+
+@contextlib.contextmanager
+def _signals_caught(received: list[int]):
+    """SIGINT/SIGTERM append to `received` instead of killing the process (main thread only;
+    elsewhere signals cannot be handled and keep their default action)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    catch = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in catch}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _step_of(state) -> int:
@@ -219,50 +250,62 @@ def train_loop(
         logging.info("%s: dropped %d metric rows after step %d", desc, dropped, start)
     log = _StepLog(writer, log_exclude, vector_labels or {})
     bar = progress(total=total, initial=start, desc=desc)
-    for step in range(start, total):
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        try:
-            batch = next(data)
-        except StopIteration:
-            raise RuntimeError(
-                f"{desc}: data ended at step {step}; it must yield {total} batches"
-            ) from None
-        state, out = step_fn(state, to_device(batch), step)
-        log.pending.append(out)
-        bar.update(1)
-        end_of_epoch = in_epoch == steps_per_epoch - 1
-        if len(log.pending) < log_every and not end_of_epoch:
-            continue
-        last_row = log.flush(step + 1, epoch)
-        loss = log.epoch_loss()
-        bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, **_postfix(last_row, postfix_keys))
-        if not end_of_epoch:
-            continue
-        train_row = {"train/loss": loss}
-        if epoch_metrics is not None:
-            train_row.update(epoch_metrics(log.epoch_rows))
-        writer.write(step + 1, train_row)
-        log.epoch_rows = []
-        done = epoch + 1
-        last = step + 1 == total
-        metrics = None
-        if evaluate is not None and (done % eval_every == 0 or last):
-            metrics = evaluate(state, done)
-            if metrics is not None:
-                metrics = {k: _plain_metric(v) for k, v in metrics.items()}
-                writer.write(step + 1, {f"valid/{k}": v for k, v in metrics.items()})
-                shown = checkpointer.best_metrics or tuple(metrics)
-                logging.info(
-                    "%s epoch %d: train loss %.4f, %s",
-                    desc,
-                    done,
-                    loss,
-                    ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in shown),
-                )
-        if metrics is not None or last or (checkpoint_every and done % checkpoint_every == 0):
-            m = dict(meta(done) if callable(meta) else (meta or {}))
-            m.update(epoch=done, step=step + 1, metrics=metrics)
-            checkpointer.save(step + 1, state, m, data_iterator=data, metrics=metrics)
+    received: list[int] = []
+    with _signals_caught(received):
+        for step in range(start, total):
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            try:
+                batch = next(data)
+            except StopIteration:
+                raise RuntimeError(
+                    f"{desc}: data ended at step {step}; it must yield {total} batches"
+                ) from None
+            state, out = step_fn(state, to_device(batch), step)
+            log.pending.append(out)
+            bar.update(1)
+            if received:
+                log.flush(step + 1, epoch)
+                m = dict(meta(epoch) if callable(meta) else (meta or {}))
+                name = signal.Signals(received[0]).name
+                m.update(epoch=epoch, step=step + 1, metrics=None, interrupted=name)
+                checkpointer.save(step + 1, state, m, data_iterator=data)
+                bar.close()
+                writer.close()
+                logging.warning("%s: %s at step %d: checkpoint saved", desc, name, step + 1)
+                raise Interrupted(received[0], step + 1)
+            end_of_epoch = in_epoch == steps_per_epoch - 1
+            if len(log.pending) < log_every and not end_of_epoch:
+                continue
+            last_row = log.flush(step + 1, epoch)
+            loss = log.epoch_loss()
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, **_postfix(last_row, postfix_keys))
+            if not end_of_epoch:
+                continue
+            train_row = {"train/loss": loss}
+            if epoch_metrics is not None:
+                train_row.update(epoch_metrics(log.epoch_rows))
+            writer.write(step + 1, train_row)
+            log.epoch_rows = []
+            done = epoch + 1
+            last = step + 1 == total
+            metrics = None
+            if evaluate is not None and (done % eval_every == 0 or last):
+                metrics = evaluate(state, done)
+                if metrics is not None:
+                    metrics = {k: _plain_metric(v) for k, v in metrics.items()}
+                    writer.write(step + 1, {f"valid/{k}": v for k, v in metrics.items()})
+                    shown = checkpointer.best_metrics or tuple(metrics)
+                    logging.info(
+                        "%s epoch %d: train loss %.4f, %s",
+                        desc,
+                        done,
+                        loss,
+                        ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in shown),
+                    )
+            if metrics is not None or last or (checkpoint_every and done % checkpoint_every == 0):
+                m = dict(meta(done) if callable(meta) else (meta or {}))
+                m.update(epoch=done, step=step + 1, metrics=metrics)
+                checkpointer.save(step + 1, state, m, data_iterator=data, metrics=metrics)
     bar.close()
     writer.close()
     best, last_ckpt = summarise(checkpointer)

@@ -317,3 +317,36 @@ def test_resume_from_a_checkpoint_without_data_position(tmp_path):
     state_a, _ = run(tmp_path / "imported", best=())
     state_b, _ = run(tmp_path / "fresh", best=())
     assert_states_equal(state_a, state_b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_resume_matches(tmp_path, sig):
+    # The signal arrives during step 9 (mid-epoch): that step finishes, a checkpoint is saved
+    # at step 10 and the process exits; the restart goes on from step 10.
+    state_a, _ = run(tmp_path / "a", checkpoint_every=2)
+    script = (
+        "import os, sys, pathlib\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+        "import test_training as t\n"
+        "from common.training import Interrupted\n"
+        "class Seen(list):\n"
+        "    def append(self, step):\n"
+        "        super().append(step)\n"
+        f"        if step == 9: os.kill(os.getpid(), {int(sig)})\n"
+        "try:\n"
+        f"    t.run(pathlib.Path({str(tmp_path / 'b')!r}), seen=Seen(), checkpoint_every=2)\n"
+        "except Interrupted as e:\n"
+        "    sys.exit(100 + e.step)\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert r.returncode == 110, r.stderr.decode()[-2000:]
+    steps, metas = saved_steps(tmp_path / "b")
+    assert 10 in steps and metas[10]["interrupted"] == signal.Signals(sig).name
+    seen = []
+    state_b, _ = run(tmp_path / "b", checkpoint_every=2, seen=seen)
+    assert seen == list(range(10, 16))
+    assert_states_equal(state_a, state_b)
+    step_rows = [r["step"] for r in rows(tmp_path / "b") if "loss" in r]
+    assert step_rows == list(range(1, 17))
