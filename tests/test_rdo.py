@@ -196,3 +196,95 @@ def test_epsilon_counts_only_active_steps():
 def test_faithful_reward_uses_cumulative_tn():
     counts = jnp.array([1.0, 1.0, 2.0, 0.0])
     assert float(rdo.batch_reward(counts, jnp.array(6.0))) > float(rdo.batch_reward(counts))
+
+
+def _run_transform(cfg, steps, counts, new_epoch, active=True):
+    """Drive the transform for `steps` steps with per-step counts; returns the states and the
+    selections made."""
+    tx = rdo.transform(cfg, 6)
+    params = {"w": jnp.ones(3)}
+    opt = tx.init(params)
+    states, sels = [], []
+    for t in range(steps):
+        st = rdo.find_state(opt)
+        s = jnp.full(6, float(t))
+        sel = rdo.select(cfg, st, s, jnp.array(active))
+        sels.append(sel)
+        _, opt = tx.update(
+            params,
+            opt,
+            params,
+            rdo_selection=sel,
+            rdo_state=s,
+            rdo_counts=jnp.asarray(counts[t], jnp.float32),
+            rdo_new_epoch=jnp.array(new_epoch[t]),
+        )
+        states.append(rdo.find_state(opt))
+    return states, sels
+
+
+def test_buffer_holds_the_pending_transition_not_the_current_one():
+    counts = [[1, 0, 2, 1], [0, 2, 1, 1], [2, 1, 0, 0], [1, 1, 1, 1]]  # a different reward each
+    states, sels = _run_transform(CFG, 4, counts, [True, False, False, False])
+    buf = states[-1].buffer
+    for t in range(3):  # step t + 1 pushed step t's transition
+        np.testing.assert_array_equal(np.asarray(buf.action[t]), np.asarray(sels[t].actions))
+        want = float(rdo.batch_reward(jnp.asarray(counts[t], jnp.float32)))
+        assert float(buf.reward[t]) == want
+        assert float(buf.state[t, 0]) == t and float(buf.next_state[t, 0]) == t + 1
+    assert len({float(buf.reward[t]) for t in range(3)}) == 3
+
+
+def test_faithful_cumulative_true_negatives_reset_each_epoch():
+    cfg = dataclasses.replace(CFG, faithful=True)
+    tn = [2, 1, 3, 4, 5]
+    counts = [[1, 1, n, 0] for n in tn]
+    states, _ = _run_transform(cfg, 5, counts, [True, False, False, True, False])
+    assert [float(s.cumulative_tn) for s in states] == [2, 3, 6, 4, 9]
+
+
+def test_target_network_refreshed_every_target_every_steps():
+    cfg = dataclasses.replace(CFG, batch_size=2, target_every=3)
+    counts = [[1, 0, 2, 1], [0, 2, 1, 1], [2, 1, 0, 0], [1, 1, 1, 1]] * 2
+    states, _ = _run_transform(cfg, 8, counts, [False] * 8)
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    for t, st in enumerate(states):
+        step = t + 1
+        if step % 3 == 0:
+            assert same(st.target_params, st.q_params), step
+        elif step > 4:  # the Q-network has learnt since the last refresh
+            assert not same(st.target_params, st.q_params), step
+
+
+def test_faithful_dqn_target_is_differentiated(rng):
+    # B13: the original's target comes from the online network without detaching it.
+    cfg = dataclasses.replace(CFG, faithful=True)
+    st = rdo.init_state(cfg, jax.random.key(3), 6)
+    s = rng.normal(size=(8, 6)).astype(np.float32)
+    s2 = rng.normal(size=(8, 6)).astype(np.float32)
+    a = rng.integers(0, 5, (8, 2)).astype(np.int32)
+    r = rng.normal(size=8).astype(np.float32)
+    net = rdo._qnet(cfg)
+
+    def by_hand(p, stop: bool):
+        q = net.apply({"params": p}, s)
+        qn = net.apply({"params": p}, s2)
+        if stop:
+            qn = jax.lax.stop_gradient(qn)
+        return sum(
+            jnp.mean((q[h][jnp.arange(8), a[:, h]] - (r + 0.99 * qn[h].max(-1))) ** 2)
+            for h in range(2)
+        )
+
+    got = jax.grad(rdo.dqn_loss, argnums=1)(cfg, st.q_params, st.target_params, (s, a, r, s2))
+    free = jax.grad(by_hand)(st.q_params, False)
+    stopped = jax.grad(by_hand)(st.q_params, True)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(free)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)
+    assert any(
+        not np.allclose(np.asarray(x), np.asarray(z), rtol=1e-3)
+        for x, z in zip(jax.tree.leaves(got), jax.tree.leaves(stopped))
+    )
