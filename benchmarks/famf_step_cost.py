@@ -6,6 +6,8 @@ of the focal loss), train-mode BatchNorm:
 - full:     CAM pass (warm off), closed-form CAMs, RAA + MAF warm pass reusing stem + fire2;
 - autodiff: like full, but the CAMs come from a backward pass through the whole network, as
             the original does with torchcam (RAA still in-jit here, so this flatters it).
+- native:   full, with XLA's native 2-D convolutions instead of `common.conv`'s decomposed
+            CPU form (the convolutions' form before issue 11; same parameters).
 Prints XLA's FLOP count and temporary memory per step (cost and memory analysis of the compiled
 step) and the median wall time over repetitions after a warm-up.
 
@@ -27,6 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from common import conv as conv_lib  # noqa: E402
 from famf_jax.cam import minmax_normalise  # noqa: E402
 from famf_jax.inference import two_pass  # noqa: E402
 from famf_jax.losses import focal_loss  # noqa: E402
@@ -49,6 +52,7 @@ def make_steps(model: FAMFNet):
         def loss(p):
             vs = {"params": p, "batch_stats": stats}
             out, upd = two_pass(model, vs, b, s, warm=True, train=True)
+            upd = upd["batch_stats"]
             return focal_loss(out["logits"], y, 0.5, 2.0), upd
 
         return jax.value_and_grad(loss, has_aux=True)(params)
@@ -102,7 +106,11 @@ def main():
     y = jnp.arange(args.batch) % 2
     inputs = (v["params"], v["batch_stats"], b, s, y)
     results = {}
-    for name, fn in make_steps(model).items():
+    steps = make_steps(model)
+    steps["native"] = steps["full"]
+    for name, fn in steps.items():
+        if name == "native":  # traced after this switch: native convolutions
+            conv_lib.auto_impl = lambda: "native"
         compiled = jax.jit(fn).lower(*inputs).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -126,6 +134,8 @@ def main():
     for name in ("full", "autodiff"):
         f, t, m = results[name]
         print(f"{name:9s} / plain: time {t / pt:.2f}x   FLOPs {f / pf:.2f}x   memory {m / pm:.2f}x")
+    nt = results["native"][1]
+    print(f"full (decomposed convolutions) / full (native): time {results['full'][1] / nt:.2f}x")
 
 
 if __name__ == "__main__":

@@ -60,20 +60,32 @@ def confusion_plot(c: dict, path, labels=("benign", "malignant")) -> pathlib.Pat
     return _save(fig, path)
 
 
-def reliability_plot(y: np.ndarray, p: np.ndarray, path, bins: int = 10) -> pathlib.Path:
-    r = metrics.reliability(y, p, bins)
-    ok = r["count"] > 0
+def reliability_plot(
+    y: np.ndarray, p: np.ndarray | dict[str, np.ndarray], path, bins: int = 10
+) -> pathlib.Path:
+    """Reliability curve of P(malignant), or one curve per named series (e.g. raw and
+    calibrated), each with its ECE in the legend."""
+    series = p if isinstance(p, dict) else {"model": p}
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.plot(r["mean_prediction"][ok], r["fraction_positive"][ok], "o-")
-    ece = metrics.expected_calibration_error(y, p, bins)
+    for name, q in series.items():
+        r = metrics.reliability(y, q, bins)
+        ok = r["count"] > 0
+        ece = metrics.expected_calibration_error(y, q, bins)
+        ax.plot(
+            r["mean_prediction"][ok],
+            r["fraction_positive"][ok],
+            "o-",
+            label=f"{name} (ECE {ece:.3f})",
+        )
     ax.set(
         xlabel="predicted P(malignant)",
         ylabel="observed fraction malignant",
-        title=f"Reliability (ECE {ece:.3f})",
+        title="Reliability",
         xlim=(0, 1),
         ylim=(0, 1),
     )
+    ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 
 

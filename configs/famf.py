@@ -37,6 +37,9 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     c.model = m = config_dict.ConfigDict()
     m.modalities = "both"  # both | bmode | swe (single-stream ablations)
     m.fusion = True  # False: RAA + MAF never switched on (the late-fusion baseline)
+    # MAF's channel-attention logits / sqrt(N): near-uniform attention at 256x256 (MAF off in
+    # effect); False = the original's unscaled logits (faithful mode always)
+    m.scaled_attention = False
 
     c.train = t = config_dict.ConfigDict()
     t.epochs = 5000
@@ -71,6 +74,10 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     e.batch_size = 8
     e.overlays = 4  # test patients drawn with CAMs and lesion centres in the report
     e.bootstrap = 1000  # resamples for the confidence intervals
+    # Decision threshold chosen on the validation split (after temperature scaling): the best
+    # F1 (f1), or the highest threshold keeping e.target_sensitivity (sensitivity)
+    e.operating_point = "f1"
+    e.target_sensitivity = 0.95
 
     c.predict = p = config_dict.ConfigDict()
     p.input = config_dict.placeholder(str)  # a layout root or a CSV manifest (labels optional)

@@ -100,10 +100,13 @@ def _check_edge_kernels(state_dict: Mapping[str, np.ndarray]) -> None:
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
-    """OursNet state_dict (numpy values) -> {'params', 'batch_stats'} of `FAMFNet()`."""
+    """OursNet state_dict (numpy values) -> {'params', 'batch_stats', 'cam_stats'} of
+    `FAMFNet()`; the original keeps one set of running statistics, so both sets are it."""
     template = jax.eval_shape(lambda k: init_variables(FAMFNet(), k, 64), jax.random.key(0))
     _check_edge_kernels(state_dict)
-    return _convert(state_dict, template, set(_FROZEN_EDGE_KEYS))
+    out = _convert(state_dict, template, set(_FROZEN_EDGE_KEYS))
+    out["cam_stats"] = jax.tree.map(np.copy, out["batch_stats"])
+    return out
 
 
 def from_torch_dqn(state_dict: Mapping[str, np.ndarray], state_dim: int | None = None) -> dict:

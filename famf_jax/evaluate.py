@@ -3,7 +3,10 @@
 `evaluate` restores each fold's checkpoint (the best by `eval.criterion`, F1 + accuracy by
 default, or `eval.checkpoint`), runs the eval-mode two-pass network on the fold's validation
 and the fixed test set, and writes `metrics.json`, `report.md` and the figures to the workdir.
-`predict_folder` writes per-patient probabilities for new data.
+Per fold it also fits a temperature and a decision threshold on the validation split
+(`common.calibration`, `eval.operating_point`), reports the test set at that operating point
+beside the fixed 0.5, and keeps them in `fold_<k>/calibration.json` for `predict_folder`, which
+writes per-patient raw and calibrated probabilities and the decision for new data.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import pathlib
 import numpy as np
 from absl import logging
 
+from common import calibration, viz
 from common import metrics as metrics_lib
-from common import viz
 from common.loader import iterate
 from common.logging import read_jsonl
 from famf_jax import dataset, inference, pipeline
@@ -38,6 +41,42 @@ CONVENTIONS = (
     "denominator are 0; ROC-AUC and PR-AUC (average precision) as scikit-learn; 95% CIs are "
     "percentile bootstraps over test patients; ECE uses 10 equal-width bins of P(malignant)."
 )
+
+
+OPERATING_POINT_KEYS = ("threshold", "f1", "sensitivity", "specificity", "precision")
+
+
+def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
+    """Temperature and decision threshold of a fold, from its validation split."""
+    t = calibration.fit_temperature(labels, prob_pos)
+    target = cfg.eval.target_sensitivity if cfg.eval.operating_point == "sensitivity" else None
+    threshold = calibration.choose_threshold(
+        labels, calibration.apply_temperature(prob_pos, t), target
+    )
+    rule = "best F1" if target is None else f"sensitivity >= {target}"
+    return {"temperature": t, "threshold": threshold, "rule": rule, "valid_cases": len(labels)}
+
+
+def calibration_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:
+    return fold_dir(workdir, fold) / "calibration.json"
+
+
+def write_calibration(workdir: pathlib.Path, fold: int, calib: dict) -> None:
+    path = calibration_path(workdir, fold)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(calib, indent=1))
+    tmp.replace(path)
+
+
+def operating_point_metrics(labels: np.ndarray, prob_pos: np.ndarray, calib: dict) -> dict:
+    """Test metrics with calibrated probabilities at the validation-chosen threshold."""
+    q = calibration.apply_temperature(prob_pos, calib["temperature"])
+    m = metrics_lib.classification_metrics(labels, q, threshold=calib["threshold"])
+    op = {"threshold": calib["threshold"], **{k: m[k] for k in OPERATING_POINT_KEYS[1:]}}
+    return {
+        "operating_point": op,
+        "ece_calibrated": metrics_lib.expected_calibration_error(labels, q),
+    }
 
 
 def _fmt(v) -> str:
@@ -92,11 +131,15 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     for k in range(len(data.folds)):
         variables, meta = restore_for_eval(cfg, workdir, k)
         warm = fused and bool(meta.get("warm", True))
-        valid, _ = split_metrics(cfg, variables, data.split(k, "valid"), warm, f"fold {k} valid")
+        valid_records = data.split(k, "valid")
+        valid, p_valid = split_metrics(cfg, variables, valid_records, warm, f"fold {k} valid")
+        calib = fit_calibration(cfg, np.array([r.label for r in valid_records]), p_valid)
+        write_calibration(workdir, k, calib)
         test_records = data.split(k, "test")
         test, p = split_metrics(cfg, variables, test_records, warm, f"fold {k} test")
         y = np.array([r.label for r in test_records])
         test.update(metrics_lib.clinical_extras(y, p, cfg.eval.bootstrap, seed=cfg.seed))
+        test.update(operating_point_metrics(y, p, calib))
         folds.append(
             {
                 "fold": k,
@@ -104,6 +147,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
                 "epoch": meta["epoch"],
                 "warm": warm,
                 "valid": valid,
+                "calibration": calib,
                 "test": test,
                 "predictions": [
                     {"patient_id": r.patient_id, "label": r.label, "prob_malignant": float(q)}
@@ -111,7 +155,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
                 ],
             }
         )
-        curves.append((f"fold {k}", y, p))
+        curves.append((f"fold {k}", y, p, calibration.apply_temperature(p, calib["temperature"])))
         if first_vars is None:
             first_vars = (variables, test_records, warm)
     if len(folds) == 1:
@@ -123,9 +167,14 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
             "specificity_at_95_sensitivity",
             "ece",
         ]
-        summary = metrics_lib.summarise_folds([f["test"] for f in folds], keys)
+        summary = metrics_lib.summarise_folds([f["test"] for f in folds], keys + ["ece_calibrated"])
         test_summary = {k: v["mean"] for k, v in summary.items()}
         test_summary["std"] = {k: v["std"] for k, v in summary.items()}
+        ops = metrics_lib.summarise_folds(
+            [f["test"]["operating_point"] for f in folds], OPERATING_POINT_KEYS
+        )
+        test_summary["operating_point"] = {k: v["mean"] for k, v in ops.items()}
+        test_summary["operating_point"]["std"] = {k: v["std"] for k, v in ops.items()}
     result = {
         "criterion": cfg.eval.criterion,
         "conventions": CONVENTIONS,
@@ -149,11 +198,11 @@ def _json_default(o):
 def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pathlib.Path:
     figs = workdir / "figures"
     figs.mkdir(exist_ok=True)
-    viz.roc_plot(curves, figs / "roc.png")
+    viz.roc_plot([c[:3] for c in curves], figs / "roc.png")
     f0 = result["folds"][0]
     viz.confusion_plot(f0["test"], figs / "confusion.png")
-    y, p = curves[0][1], curves[0][2]
-    viz.reliability_plot(y, p, figs / "reliability.png")
+    _, y, p, q = curves[0]
+    viz.reliability_plot(y, {"as trained": p, "temperature-scaled": q}, figs / "reliability.png")
     rdo_png = _rdo_plot(workdir, 0, figs / "rdo_trajectory.png")
     overlay_png = None
     if first is not None:
@@ -188,6 +237,25 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
             f"| roc_auc 95% CI | {_fmt(t['roc_auc_ci'][0])} – {_fmt(t['roc_auc_ci'][1])} |"
         )
         lines.append(f"| f1 95% CI | {_fmt(t['f1_ci'][0])} – {_fmt(t['f1_ci'][1])} |")
+    op = t["operating_point"]
+    rule = result["folds"][0]["calibration"]["rule"]
+    lines += [
+        "",
+        "## At the validation-chosen operating point",
+        "",
+        f"Per fold, a temperature fitted on the validation split (maximum likelihood) calibrates "
+        f"P(malignant), and the decision threshold is chosen on the calibrated validation "
+        f"probabilities ({rule}); the rows above use the fixed 0.5 on the raw probabilities.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k in OPERATING_POINT_KEYS:
+        std = op.get("std", {}).get(k)
+        lines.append(
+            f"| {k} | {_fmt(op[k])}" + (f" ± {_fmt(std)}" if std is not None else "") + " |"
+        )
+    lines.append(f"| ece (calibrated) | {_fmt(t['ece_calibrated'])} |")
     lines += [
         "",
         "## Per fold",
@@ -249,32 +317,51 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
     if n_folds == 0:
         raise FileNotFoundError(f"no trained folds in {workdir}")
     fused = uses_fusion(cfg)
-    per_fold = []
+    per_fold, calibrated, thresholds = [], [], []
     for k in range(n_folds):
         variables, meta = restore_for_eval(cfg, workdir, k)
-        per_fold.append(
-            predict_records(
-                cfg,
-                variables,
-                recs,
-                warm=fused and meta.get("warm", True),
-                desc=f"predict fold {k}",
-            )
+        p = predict_records(
+            cfg, variables, recs, warm=fused and meta.get("warm", True), desc=f"predict fold {k}"
         )
+        per_fold.append(p)
+        path = calibration_path(workdir, k)
+        if path.exists():
+            calib = json.loads(path.read_text())
+            calibrated.append(calibration.apply_temperature(p, calib["temperature"]))
+            thresholds.append(calib["threshold"])
+    if len(calibrated) < n_folds:
+        logging.warning(
+            "predict: no calibration for some folds (run --mode=evaluate first): the calibrated "
+            "probability and the decision are left empty"
+        )
+        calibrated = []
     out = pathlib.Path(cfg.predict.output or workdir / "predictions.csv")
-    with out.open("w", newline="") as f:
+    mean = np.mean(per_fold, axis=0)
+    cal = np.mean(calibrated, axis=0) if calibrated else None
+    threshold = float(np.mean(thresholds)) if calibrated else None
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
-            ["patient_id", "prob_malignant", *[f"fold_{k}" for k in range(n_folds)], "label"]
+            [
+                "patient_id",
+                "prob_malignant",
+                "prob_calibrated",
+                "malignant",
+                *[f"fold_{k}" for k in range(n_folds)],
+                "label",
+            ]
         )
-        mean = np.mean(per_fold, axis=0)
         for i, r in enumerate(recs):
             w.writerow(
                 [
                     r.patient_id,
                     f"{mean[i]:.6f}",
+                    "" if cal is None else f"{cal[i]:.6f}",
+                    "" if cal is None else int(cal[i] >= threshold),
                     *[f"{p[i]:.6f}" for p in per_fold],
                     "" if r.label < 0 else r.label,
                 ]
             )
+    tmp.replace(out)
     return out

@@ -38,6 +38,7 @@ def validate_config(cfg) -> None:
         "train.loss": (cfg.train.loss, ("focal", "ce")),
         "model.modalities": (cfg.model.modalities, tuple(STREAMS)),
         "eval.criterion": (cfg.eval.criterion, BEST_CRITERIA),
+        "eval.operating_point": (cfg.eval.operating_point, ("f1", "sensitivity")),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -45,6 +46,10 @@ def validate_config(cfg) -> None:
     if cfg.data.image_size <= 0 or cfg.data.image_size % 8:
         raise ValueError(
             f"data.image_size must be a positive multiple of 8, not {cfg.data.image_size}"
+        )
+    if not 0 < cfg.eval.target_sensitivity <= 1:
+        raise ValueError(
+            f"eval.target_sensitivity is a fraction in (0, 1], not {cfg.eval.target_sensitivity}"
         )
     for name in ("data.center_crop", "data.crop"):
         v = cfg.data[name.split(".")[1]]
@@ -67,7 +72,11 @@ def uses_fusion(cfg) -> bool:
 
 
 def build_model(cfg) -> FAMFNet:
-    return FAMFNet(faithful=cfg.faithful, modalities=modalities(cfg))
+    return FAMFNet(
+        faithful=cfg.faithful,
+        modalities=modalities(cfg),
+        scaled_attention=cfg.model.scaled_attention,
+    )
 
 
 # ---------------------------------------------------------------------------------- state
@@ -77,12 +86,13 @@ def build_model(cfg) -> FAMFNet:
 class TrainState:
     step: jax.Array
     params: Any
-    batch_stats: Any
+    batch_stats: Any  # the main pass's running statistics
+    cam_stats: Any  # the CAM pass's (corrected mode keeps them apart, see inference.two_pass)
     opt_state: Any
 
     @property
     def variables(self) -> dict:
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params, "batch_stats": self.batch_stats, "cam_stats": self.cam_stats}
 
 
 def rdo_config(cfg) -> rdo.RDOConfig:
@@ -127,7 +137,11 @@ def create_state(cfg, steps_per_epoch: int) -> tuple[TrainState, optax.GradientT
     v = init_variables(model, jax.random.key(cfg.seed), cfg.data.image_size)
     tx = make_optimizer(cfg, steps_per_epoch)
     state = TrainState(
-        jnp.zeros((), jnp.int32), v["params"], v["batch_stats"], tx.init(v["params"])
+        jnp.zeros((), jnp.int32),
+        v["params"],
+        v["batch_stats"],
+        jax.tree.map(jnp.copy, v["batch_stats"]),  # own buffers (the step donates the state)
+        tx.init(v["params"]),
     )
     return state, tx
 
@@ -223,6 +237,7 @@ def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") 
             faithful=cfg.faithful,
             warm=warm,
             modalities=modalities(cfg),
+            scaled_attention=cfg.model.scaled_attention,
         )
         probs.append(np.asarray(out["probs"][:n, 1]))
     return np.concatenate(probs) if probs else np.zeros(0)

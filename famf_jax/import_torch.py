@@ -17,7 +17,11 @@ def import_checkpoint(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
         raise ValueError("--mode=import_torch needs --config.import_path=<file.pth>")
     variables = convert.from_torch(convert.load_pth(cfg.import_path))
     state, _ = create_state(cfg, 1)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    state = state.replace(
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        cam_stats=variables["cam_stats"],
+    )
     if cfg.import_dqn_path:
         q = convert.from_torch_dqn(convert.load_pth(cfg.import_dqn_path), cfg.train.batch_size + 2)
         r = rdo.find_state(state.opt_state)

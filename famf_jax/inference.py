@@ -32,13 +32,17 @@ def two_pass(
     train: bool = False,
     every_pass_statistics: bool = False,
 ) -> tuple[dict, dict]:
-    """CAM pass (warm off), closed-form CAMs, main pass; returns (main output, batch_stats).
+    """CAM pass (warm off), closed-form CAMs, main pass; returns (main output, statistics).
 
-    The main output carries cam_bmode/cam_swe when warm. In train mode only the main pass's
-    batch statistics are kept, and stem + fire2 (identical in both passes) run once; with
-    `every_pass_statistics` (faithful B11) both passes run in full and both update the
-    statistics, in the original's order. Without warm (or fusion) one pass is the main pass,
-    except under `every_pass_statistics`, where the original's second pass still runs.
+    The main output carries cam_bmode/cam_swe when warm. Statistics: {"batch_stats",
+    "cam_stats"}, the main pass's and the CAM pass's running batch-norm statistics. Corrected
+    mode keeps them apart: after the warm-up the main pass normalises fire3..fire9 inputs that
+    MAF fused, the CAM pass raw ones, so at evaluation the CAM pass reads its own statistics
+    (`variables["cam_stats"]`, the main ones where absent) as in training it used its batch's.
+    Before the warm-up the one pass is both, and both sets follow it. In train mode stem +
+    fire2 (identical in both passes) run once. With `every_pass_statistics` (faithful B11) both
+    passes run in full and update one shared set, in the original's order; without warm (or
+    fusion) the original's second pass still runs then.
     """
 
     def run(stats, *args, **kw):
@@ -48,13 +52,19 @@ def two_pass(
         out, upd = model.apply(vs, *args, train=True, mutable=["batch_stats"], **kw)
         return out, upd["batch_stats"]
 
-    stats0 = variables["batch_stats"]
-    first, stats1 = run(stats0, bmode, swe, warm=False)
+    def both(main, cam=None):
+        return {"batch_stats": main, "cam_stats": main if cam is None else cam}
+
+    main0 = variables["batch_stats"]
+    shared = every_pass_statistics
+    cam0 = main0 if shared else variables.get("cam_stats", main0)
+    first, stats1 = run(cam0, bmode, swe, warm=False)
     fused_warm = warm and model.fused
-    if not every_pass_statistics and not fused_warm:
-        return first, stats1
     if not fused_warm:
-        return run(stats1, bmode, swe, warm=False)
+        if shared:
+            second, stats = run(stats1, bmode, swe, warm=False)
+            return second, both(stats)
+        return first, both(stats1)
     cams = closed_form_cams(
         first["f9_bmode"],
         first["f9_swe"],
@@ -62,22 +72,29 @@ def two_pass(
         first["probs"],
         faithful=model.faithful,
     )
-    if every_pass_statistics:
+    if shared:
         second, stats = run(stats1, bmode, swe, *cams, warm=True)
-    else:
-        f2 = {m: first[f"f2_{m}"] for m in model.modalities}
-        second, stats = run(stats0, bmode, swe, *cams, warm=True, f2=f2)
-        # stem and fire2 ran only in the CAM pass: their statistics come from it.
-        stats = {
-            k: (stats1[k] if k.startswith(("stem_", "fire2_")) else v) for k, v in stats.items()
-        }
-    return dict(second, cam_bmode=cams[0], cam_swe=cams[1]), stats
+        return dict(second, cam_bmode=cams[0], cam_swe=cams[1]), both(stats)
+    f2 = {m: first[f"f2_{m}"] for m in model.modalities}
+    second, stats = run(main0, bmode, swe, *cams, warm=True, f2=f2)
+    # stem and fire2 ran only in the CAM pass: their statistics come from it.
+    stats = {k: (stats1[k] if k.startswith(("stem_", "fire2_")) else v) for k, v in stats.items()}
+    return dict(second, cam_bmode=cams[0], cam_swe=cams[1]), both(stats, stats1)
 
 
-@functools.partial(jax.jit, static_argnames=("faithful", "warm", "modalities"))
-def predict_core(variables, bmode, swe, *, faithful: bool, warm: bool, modalities: tuple) -> dict:
+@functools.partial(jax.jit, static_argnames=("faithful", "warm", "modalities", "scaled_attention"))
+def predict_core(
+    variables,
+    bmode,
+    swe,
+    *,
+    faithful: bool,
+    warm: bool,
+    modalities: tuple,
+    scaled_attention: bool = False,
+) -> dict:
     """The jitted eval-mode forward; no host work inside. See `predict` for the outputs."""
-    model = FAMFNet(faithful=faithful, modalities=modalities)
+    model = FAMFNet(faithful=faithful, modalities=modalities, scaled_attention=scaled_attention)
     out, _ = two_pass(model, variables, bmode, swe, warm=warm)
     keys = (
         "probs",
@@ -92,7 +109,15 @@ def predict_core(variables, bmode, swe, *, faithful: bool, warm: bool, modalitie
     return {k: out[k] for k in keys if k in out}
 
 
-def predict(variables, bmode, swe, *, faithful: bool = False, warm: bool = True) -> dict:
+def predict(
+    variables,
+    bmode,
+    swe,
+    *,
+    faithful: bool = False,
+    warm: bool = True,
+    scaled_attention: bool = False,
+) -> dict:
     """Eval-mode prediction for a batch of image pairs.
 
     bmode, swe: float32 (B, H, W, 3) in [-1, 1], H and W divisible by 8. Returns numpy arrays:
@@ -111,6 +136,12 @@ def predict(variables, bmode, swe, *, faithful: bool = False, warm: bool = True)
     # Parity with the original needs full float32 matmuls (GPUs default to TF32).
     with jax.default_matmul_precision("highest" if faithful else None):
         out = predict_core(
-            variables, bmode, swe, faithful=faithful, warm=warm, modalities=modalities
+            variables,
+            bmode,
+            swe,
+            faithful=faithful,
+            warm=warm,
+            modalities=modalities,
+            scaled_attention=scaled_attention,
         )
     return {k: np.asarray(v) for k, v in out.items()}

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common.conv import conv
+
 # PyTorch BatchNorm2d(momentum=0.1) keeps running = 0.9 * running + 0.1 * batch (spec B25).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -27,9 +29,11 @@ def torch_uniform_init(fan_in: int):
 
 
 class TorchConv(nn.Module):
-    """Conv2d with bias, stride 1, 'same' padding for odd kernels, PyTorch initialisation.
+    """Conv2d with bias, stride 1, 'same' zero padding for odd kernels, PyTorch initialisation.
 
-    kernel is (kh, kw, in, out), the transpose of PyTorch's (out, in, kh, kw).
+    kernel is (kh, kw, in, out), the transpose of PyTorch's (out, in, kh, kw). Computed by
+    `common.conv.conv`: as 1-D convolutions over row-shifted views on CPU (faster than XLA's
+    native 2-D convolution there), natively elsewhere; same parameters either way.
     """
 
     features: int
@@ -42,13 +46,7 @@ class TorchConv(nn.Module):
         init = torch_uniform_init(fan_in)
         kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel.astype(x.dtype),
-            window_strides=(1, 1),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = conv(x, kernel.astype(x.dtype), padding="zero")
         return y + bias.astype(x.dtype)
 
 

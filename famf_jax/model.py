@@ -45,6 +45,7 @@ class FAMFNet(nn.Module):
     num_classes: int = 2
     faithful: bool = False
     modalities: tuple[str, ...] = ("bmode", "swe")
+    scaled_attention: bool = False  # MAF's logits / sqrt(N) (see maf.py)
 
     def setup(self):
         for m in self.modalities:
@@ -53,7 +54,7 @@ class FAMFNet(nn.Module):
             for i, out, squeeze in FIRES:
                 setattr(self, f"fire{i}_{sfx}", Fire(out, squeeze))
         if self.fused:
-            self.muatt_1 = MutualAttentionFusion(128, self.faithful)
+            self.muatt_1 = MutualAttentionFusion(128, self.faithful, self.scaled_attention)
         self.conv10 = TorchConv(self.num_classes, 1)
 
     @property

@@ -52,7 +52,7 @@ def loss_and_selection(cfg, model, state: TrainState, batch: dict, active, warm:
     """The step's loss as a function of the parameters, with its aux outputs."""
 
     def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
+        variables = dict(state.variables, params=params)
         out, stats = two_pass(
             model,
             variables,
@@ -63,7 +63,7 @@ def loss_and_selection(cfg, model, state: TrainState, batch: dict, active, warm:
             every_pass_statistics=cfg.faithful,
         )
         labels = batch["label"]
-        aux = {"batch_stats": stats, "probs": out["probs"]}
+        aux = {"stats": stats, "probs": out["probs"]}
         if cfg.rdo.enabled:
             s = rdo.state_vector(out["probs"], labels)
             sel = rdo.select(rdo_config(cfg), rdo.find_state(state.opt_state), s, active)
@@ -100,7 +100,8 @@ def train_step(cfg, tx, state: TrainState, batch: dict, active, new_epoch, *, wa
         # MAF is not in this step's graph: the original's SGD skips it (grad None), no decay.
         held = {k: jax.tree.map(lambda _, f=k == "muatt_1": f, v) for k, v in state.params.items()}
         params, opt_state = optim.hold((params, opt_state), (state.params, state.opt_state), held)
-    new = TrainState(state.step + 1, params, aux["batch_stats"], opt_state)
+    stats = aux["stats"]
+    new = TrainState(state.step + 1, params, stats["batch_stats"], stats["cam_stats"], opt_state)
     out = {"loss": loss, "counts": counts}
     r = rdo.find_state(opt_state)
     if r is not None:

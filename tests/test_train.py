@@ -49,6 +49,12 @@ def test_run_py_train_evaluate_predict(tmp_path):
     m = json.loads((work / "metrics.json").read_text())
     for k in ("roc_auc", "pr_auc", "f1", "sensitivity", "specificity", "g_mean"):
         assert k in m["test"]
+    op = m["test"]["operating_point"]
+    assert set(op) == {"threshold", "f1", "sensitivity", "specificity", "precision"}
+    assert 0 <= m["test"]["ece_calibrated"] <= 1
+    calib = json.loads((work / "fold_0" / "calibration.json").read_text())
+    assert calib["temperature"] > 0 and op["threshold"] == calib["threshold"]
+    assert "validation-chosen operating point" in (work / "report.md").read_text()
     assert (work / "report.md").exists() and (work / "figures" / "roc.png").exists()
     assert (work / "figures" / "rdo_trajectory.png").exists()
     rows = [json.loads(x) for x in (work / "fold_0" / "metrics.jsonl").read_text().splitlines()]
@@ -59,7 +65,11 @@ def test_run_py_train_evaluate_predict(tmp_path):
     r = run_py(*base, "--mode=predict", f"--config.predict.input={work / 'data' / 'manifest.csv'}")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = (work / "predictions.csv").read_text().splitlines()
-    assert rows[0].startswith("patient_id,prob_malignant") and len(rows) == 41
+    assert rows[0].startswith("patient_id,prob_malignant,prob_calibrated,malignant")
+    assert len(rows) == 41
+    for row in rows[1:]:
+        _, _, cal, decision, *_ = row.split(",")
+        assert decision == str(int(float(cal) >= calib["threshold"]))
 
 
 def test_run_py_rejects_bad_input(tmp_path):
