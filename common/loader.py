@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -31,17 +32,21 @@ def iterate(
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     if workers > 0:
         opts = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer)
-        it = it.mp_prefetch(opts, worker_init_fn=exit_with_parent)
+        init = functools.partial(exit_with_parent, os.getpid())
+        it = it.mp_prefetch(opts, worker_init_fn=init)
     return it
 
 
-def exit_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
-    """In a worker process: exit as soon as the process that started it is gone.
+def exit_with_parent(parent: int, worker_index: int = 0, worker_count: int = 0) -> None:
+    """In a worker process: exit as soon as `parent` (the process that started it) is gone.
 
     A SIGKILL of the main process leaves no chance to stop Grain's workers, which then live on
-    (re-parented); a daemon thread polling the parent's pid ends them within a second."""
+    (re-parented); a daemon thread polling the parent's pid ends them within a second. The
+    pid is bound before the workers start: a worker that starts after the parent died must not
+    take its new parent for it."""
     del worker_index, worker_count
-    parent = os.getppid()
+    if os.getppid() != parent:
+        os._exit(0)
 
     def watch() -> None:
         while True:
