@@ -107,7 +107,7 @@ def main():
     inputs = (v["params"], v["batch_stats"], b, s, y)
     results = {}
     steps = make_steps(model)
-    steps["native"] = steps["full"]
+    steps["native"] = lambda *a, _full=steps["full"]: _full(*a)  # a new function: retraced
     for name, fn in steps.items():
         if name == "native":  # traced after this switch: native convolutions
             conv_lib.auto_impl = lambda: "native"
