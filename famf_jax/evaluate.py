@@ -68,9 +68,8 @@ def write_calibration(workdir: pathlib.Path, fold: int, calib: dict) -> None:
     tmp.replace(path)
 
 
-def operating_point_metrics(labels: np.ndarray, prob_pos: np.ndarray, calib: dict) -> dict:
-    """Test metrics with calibrated probabilities at the validation-chosen threshold."""
-    q = calibration.apply_temperature(prob_pos, calib["temperature"])
+def operating_point_metrics(labels: np.ndarray, q: np.ndarray, calib: dict) -> dict:
+    """Test metrics of calibrated probabilities `q` at the validation-chosen threshold."""
     m = metrics_lib.classification_metrics(labels, q, threshold=calib["threshold"])
     op = {"threshold": calib["threshold"], **{k: m[k] for k in OPERATING_POINT_KEYS[1:]}}
     return {
@@ -139,7 +138,8 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         test, p = split_metrics(cfg, variables, test_records, warm, f"fold {k} test")
         y = np.array([r.label for r in test_records])
         test.update(metrics_lib.clinical_extras(y, p, cfg.eval.bootstrap, seed=cfg.seed))
-        test.update(operating_point_metrics(y, p, calib))
+        q = calibration.apply_temperature(p, calib["temperature"])
+        test.update(operating_point_metrics(y, q, calib))
         folds.append(
             {
                 "fold": k,
@@ -155,7 +155,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
                 ],
             }
         )
-        curves.append((f"fold {k}", y, p, calibration.apply_temperature(p, calib["temperature"])))
+        curves.append((f"fold {k}", y, p, q))
         if first_vars is None:
             first_vars = (variables, test_records, warm)
     if len(folds) == 1:

@@ -2,7 +2,10 @@
 
 import os
 import pathlib
+import signal
+import subprocess
 import sys
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,6 +25,34 @@ if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 SHARED = REPO.parent / "shared"
+
+
+def sigkill_once(cmd, ready, env=None, timeout: float = 900) -> int:
+    """Starts `cmd` (run.py) in its own process group and SIGKILLs the group as soon as
+    `ready()` is true; fails if the run ends first. Returns the process's return code."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode
+
+
+def latest_step(ckpts: pathlib.Path) -> int:
+    return max(int(p.name) for p in ckpts.glob("[0-9]*") if p.name.isdigit())
 
 
 @pytest.fixture

@@ -4,17 +4,15 @@ with SIGKILL that resumes to the same parameters, bit for bit, as an uninterrupt
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from common.logging import read_jsonl
-from conftest import REPO
+from conftest import REPO, latest_step, sigkill_once
 
 CONFIGS = {
     "brats2020": "configs/dmaf_brats2020.py:smoke",
@@ -109,30 +107,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     run(config, tmp_path / "straight", *overrides, *raw)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        command(config, killed, *overrides),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     ckpts = killed / "checkpoints"
-    deadline = time.time() + 900
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            done = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()]
-            if any(step >= 2 for step in done):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    latest = max(int(p.name) for p in ckpts.glob("[0-9]*") if p.name.isdigit())
-    assert latest < 4, "killed too late to test a resume"
+
+    def checkpointed() -> bool:
+        return any(int(p.name) >= 2 for p in ckpts.glob("*") if p.name.isdigit())
+
+    sigkill_once(command(config, killed, *overrides), checkpointed, env=ENV)
+    assert latest_step(ckpts) < 4, "killed too late to test a resume"
 
     run(config, killed, *overrides)
     s1, a = final_params(tmp_path / "straight")

@@ -170,27 +170,11 @@ def test_epsilon_counts_only_active_steps():
     # Exploration is spent when actions move alpha/gamma: 30 inactive steps (the warm-up) leave
     # epsilon at its start, the 5 active ones after them advance it.
     std = rdo.RDOConfig(epsilon_start=1.0, epsilon_end=0.0, epsilon_decay_steps=10)
-    tx = rdo.transform(std, 6)
-    params = {"w": jnp.ones(3)}
-    opt = tx.init(params)
-    s = jnp.zeros(6)
-    for t in range(35):
-        st = rdo.find_state(opt)
-        sel = rdo.select(std, st, s, jnp.array(t >= 30))
-        _, opt = tx.update(
-            params,
-            opt,
-            params,
-            rdo_selection=sel,
-            rdo_state=s,
-            rdo_counts=jnp.array([1.0, 0.0, 2.0, 1.0]),
-            rdo_new_epoch=jnp.array(False),
-        )
-        if t == 29:
-            assert int(rdo.find_state(opt).active_steps) == 0
-    st = rdo.find_state(opt)
-    assert int(st.step) == 35 and int(st.active_steps) == 5
-    np.testing.assert_allclose(float(rdo.epsilon(std, st.active_steps)), 0.5)
+    active = [t >= 30 for t in range(35)]
+    states, _ = _run_transform(std, 35, [[1, 0, 2, 1]] * 35, [False] * 35, active)
+    assert int(states[29].active_steps) == 0
+    assert int(states[-1].step) == 35 and int(states[-1].active_steps) == 5
+    np.testing.assert_allclose(float(rdo.epsilon(std, states[-1].active_steps)), 0.5)
 
 
 def test_faithful_reward_uses_cumulative_tn():
@@ -198,9 +182,10 @@ def test_faithful_reward_uses_cumulative_tn():
     assert float(rdo.batch_reward(counts, jnp.array(6.0))) > float(rdo.batch_reward(counts))
 
 
-def _run_transform(cfg, steps, counts, new_epoch, active=True):
-    """Drive the transform for `steps` steps with per-step counts; returns the states and the
-    selections made."""
+def _run_transform(cfg, steps, counts, new_epoch, active=None):
+    """Drive the transform for `steps` steps with per-step counts, epoch starts and activity
+    (default: always active); returns the states and the selections made."""
+    active = [True] * steps if active is None else active
     tx = rdo.transform(cfg, 6)
     params = {"w": jnp.ones(3)}
     opt = tx.init(params)
@@ -208,7 +193,7 @@ def _run_transform(cfg, steps, counts, new_epoch, active=True):
     for t in range(steps):
         st = rdo.find_state(opt)
         s = jnp.full(6, float(t))
-        sel = rdo.select(cfg, st, s, jnp.array(active))
+        sel = rdo.select(cfg, st, s, jnp.array(active[t]))
         sels.append(sel)
         _, opt = tx.update(
             params,

@@ -1,11 +1,8 @@
 """End-to-end FAMF training on generated data, resume equality, and the jitted step's purity."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +12,7 @@ import pytest
 
 from common import optim
 from configs import famf as famf_config
-from conftest import REPO
+from conftest import REPO, latest_step, sigkill_once
 from famf_jax import experiment, train
 
 
@@ -121,28 +118,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "run.py"), f"--compilation_cache={REPO / '.jax_cache'}"]
-    proc = subprocess.Popen(
-        [*cmd, *args, f"--workdir={killed}"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     ckpts = killed / "fold_0" / "checkpoints"
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (ckpts / "6" / "commit_success.txt").exists():
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    latest = max(int(p.name) for p in ckpts.glob("[0-9]*") if p.name.isdigit())
-    assert latest < 12, "killed too late to test a resume"
+    sigkill_once(
+        [*cmd, *args, f"--workdir={killed}"], lambda: (ckpts / "6" / "commit_success.txt").exists()
+    )
+    assert latest_step(ckpts) < 12, "killed too late to test a resume"
     r = run_py(*args, f"--workdir={killed}")
     assert r.returncode == 0, r.stderr[-3000:]
     s1, a = final_params(tmp_path / "straight")
