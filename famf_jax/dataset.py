@@ -288,7 +288,8 @@ def load(
     # the spelling of a path, so a moved or re-addressed workdir still evaluates).
     inputs = {
         "patients": _digest(sorted(labels.items())),
-        "given": _digest(given) if given else None,
+        # list order is the file system's: compare the sets
+        "given": _digest([{k: sorted(v) for k, v in g.items()} for g in given]) if given else None,
         "folds": folds,
         "seed": seed,
     }
