@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import threading
 import time
 
@@ -45,6 +46,9 @@ def exit_with_parent(parent: int, worker_index: int = 0, worker_count: int = 0) 
     pid is bound before the workers start: a worker that starts after the parent died must not
     take its new parent for it."""
     del worker_index, worker_count
+    # Ctrl-C reaches the whole process group; the main process saves and stops, then the
+    # watch below ends the workers. Dying mid-prefetch on the SIGINT itself would not help.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != parent:
         os._exit(0)
 

@@ -55,9 +55,10 @@ What the loop does:
   checkpoints carry `metrics: None`. Every `checkpoint_every`-th epoch (0: never) a checkpoint
   is saved for resume without evaluation; the last step is always saved. Each checkpoint's
   meta is `meta` (or `meta(epoch)`) plus `epoch`, `step` and `metrics`.
-- SIGINT and SIGTERM (in the main thread) end the step that is running, flush its rows, save a
-  checkpoint at that step with the data position (meta `interrupted`: the signal's name) and
-  raise `Interrupted`; the next call resumes from it exactly, as from any checkpoint.
+- SIGINT and SIGTERM (in the main thread) end the step that is running (and, on an epoch's
+  last step, that epoch's logging, evaluation and checkpoint), flush its rows, save a
+  checkpoint there with the data position (meta `interrupted`: the signal's name) unless one
+  was just saved, and raise `Interrupted`; the next call resumes from it exactly.
 - Returns the final state and a `TrainResult`, also written to `<workdir>/train_summary.json`:
   per criterion the best step and its metrics, the latest checkpoint's step, epoch and metrics,
   and the seconds this call took.
@@ -251,8 +252,27 @@ def train_loop(
     log = _StepLog(writer, log_exclude, vector_labels or {})
     bar = progress(total=total, initial=start, desc=desc)
     received: list[int] = []
+
+    def stop(done: int) -> None:
+        """After a signal, with `done` steps complete (and their epoch's end handled): flush,
+        checkpoint there unless the epoch's end just did, and raise Interrupted."""
+        name = signal.Signals(received[0]).name
+        last_epoch = (done - 1) // steps_per_epoch
+        if log.pending:
+            log.flush(done, last_epoch)
+        if checkpointer.latest_step() != done:
+            m = dict(meta(last_epoch + 1) if callable(meta) else (meta or {}))
+            m.update(epoch=done // steps_per_epoch, step=done, metrics=None, interrupted=name)
+            checkpointer.save(done, state, m, data_iterator=data)
+        bar.close()
+        writer.close()
+        logging.warning("%s: %s after step %d: checkpoint saved", desc, name, done)
+        raise Interrupted(received[0], done)
+
     with _signals_caught(received):
         for step in range(start, total):
+            if received:  # checked here, so the previous step's epoch end ran in full
+                stop(step)
             epoch, in_epoch = divmod(step, steps_per_epoch)
             try:
                 batch = next(data)
@@ -263,16 +283,6 @@ def train_loop(
             state, out = step_fn(state, to_device(batch), step)
             log.pending.append(out)
             bar.update(1)
-            if received:
-                log.flush(step + 1, epoch)
-                m = dict(meta(epoch) if callable(meta) else (meta or {}))
-                name = signal.Signals(received[0]).name
-                m.update(epoch=epoch, step=step + 1, metrics=None, interrupted=name)
-                checkpointer.save(step + 1, state, m, data_iterator=data)
-                bar.close()
-                writer.close()
-                logging.warning("%s: %s at step %d: checkpoint saved", desc, name, step + 1)
-                raise Interrupted(received[0], step + 1)
             end_of_epoch = in_epoch == steps_per_epoch - 1
             if len(log.pending) < log_every and not end_of_epoch:
                 continue
@@ -306,6 +316,8 @@ def train_loop(
                 m = dict(meta(done) if callable(meta) else (meta or {}))
                 m.update(epoch=done, step=step + 1, metrics=metrics)
                 checkpointer.save(step + 1, state, m, data_iterator=data, metrics=metrics)
+        if received:  # during the last step or its evaluation: the final checkpoint exists
+            stop(total)
     bar.close()
     writer.close()
     best, last_ckpt = summarise(checkpointer)

@@ -320,10 +320,15 @@ def test_resume_from_a_checkpoint_without_data_position(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_resume_matches(tmp_path, sig):
-    # The signal arrives during step 9 (mid-epoch): that step finishes, a checkpoint is saved
-    # at step 10 and the process exits; the restart goes on from step 10.
+@pytest.mark.parametrize(
+    "sig, at, saved",
+    [
+        (signal.SIGTERM, 9, 10),  # mid-epoch: that step finishes, a checkpoint at 10
+        (signal.SIGINT, 11, 12),  # an epoch's last step: its end runs in full first
+        (signal.SIGTERM, 15, 16),  # the last step: the final checkpoint is the one
+    ],
+)
+def test_signal_saves_a_checkpoint_and_resume_matches(tmp_path, sig, at, saved):
     state_a, _ = run(tmp_path / "a", checkpoint_every=2)
     script = (
         "import os, sys, pathlib\n"
@@ -333,7 +338,7 @@ def test_signal_saves_a_checkpoint_and_resume_matches(tmp_path, sig):
         "class Seen(list):\n"
         "    def append(self, step):\n"
         "        super().append(step)\n"
-        f"        if step == 9: os.kill(os.getpid(), {int(sig)})\n"
+        f"        if step == {at}: os.kill(os.getpid(), {int(sig)})\n"
         "try:\n"
         f"    t.run(pathlib.Path({str(tmp_path / 'b')!r}), seen=Seen(), checkpoint_every=2)\n"
         "except Interrupted as e:\n"
@@ -341,12 +346,17 @@ def test_signal_saves_a_checkpoint_and_resume_matches(tmp_path, sig):
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
-    assert r.returncode == 110, r.stderr.decode()[-2000:]
+    assert r.returncode == 100 + saved, r.stderr.decode()[-2000:]
     steps, metas = saved_steps(tmp_path / "b")
-    assert 10 in steps and metas[10]["interrupted"] == signal.Signals(sig).name
+    assert max(steps) == saved
+    if saved < 16:
+        assert metas[saved]["interrupted"] == signal.Signals(sig).name
+        assert metas[saved]["epoch"] == saved // SPE
+    train_rows = [x["step"] for x in rows(tmp_path / "b") if "train/loss" in x]
+    assert train_rows == [s for s in (4, 8, 12, 16) if s <= saved]  # no epoch end skipped
     seen = []
     state_b, _ = run(tmp_path / "b", checkpoint_every=2, seen=seen)
-    assert seen == list(range(10, 16))
+    assert seen == list(range(saved, 16))
     assert_states_equal(state_a, state_b)
-    step_rows = [r["step"] for r in rows(tmp_path / "b") if "loss" in r]
+    step_rows = [x["step"] for x in rows(tmp_path / "b") if "loss" in x]
     assert step_rows == list(range(1, 17))
