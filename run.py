@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import pathlib
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -84,8 +85,6 @@ def _dmaf(cfg, mode: str, workdir: pathlib.Path) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
@@ -98,7 +97,6 @@ def main(argv):
         "config %s:%s, mode %s, workdir %s", cfg.model_name, cfg.variant, FLAGS.mode, workdir
     )
     from common.training import Interrupted
-    from famf_jax.dataset import DataError
 
     try:
         if cfg.model_name == "famf":
@@ -107,12 +105,51 @@ def main(argv):
             _dmaf(cfg, FLAGS.mode, workdir)
         else:
             raise ValueError(f"unknown model {cfg.model_name!r}")
-    except (DataError, FileNotFoundError, ValueError) as e:  # CaseError is a ValueError
-        sys.exit(f"error: {e}")
     except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was saved
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
+        _fail(f"stopped: {e}", 128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save
+        _fail("stopped: interrupted", 128 + signal.SIGINT)
+    except Exception as e:
+        if FLAGS.verbosity >= 1:
+            raise
+        _fail(f"error: {_describe(e)}")
+
+
+def _describe(e: BaseException) -> str:
+    """One line naming the culprit. Errors of the project's own checks (ValueError,
+    OSError and their kinds) carry their message; anything else also its type."""
+    text = " ".join(str(e).split())
+    if isinstance(e, ValueError | OSError) and text:
+        return text
+    return f"{type(e).__name__}: {text} (--verbosity=1 shows the traceback)"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    """The message as the last line on stderr, after any pending log output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag or config file as one line instead of a usage
+    dump (config_flags embeds the config module's traceback in its message)."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.model_name  # noqa: B018  (a config file's errors surface on first use)
+    except (AttributeError, KeyError) as e:  # an override of a field the config lacks
+        key = str(e).strip("'\"")
+        arg = next((a for a in argv if a.startswith("--config.") and key in a), "--config")
+        _fail(f"error: {arg.split('=')[0]}: the config has no field {key!r}")
+    except Exception as e:  # flags.Error, or the config module's own exception
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        flag = lines[0].split(": ")[0] + ": " if lines and lines[0].startswith("flag --") else ""
+        _fail(f"error: {flag}{lines[-1] if lines else type(e).__name__}")
+    if len(rest) > 1:
+        _fail(f"error: unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)")
+    return rest
 
 
 if __name__ == "__main__":  # Grain's worker processes re-import this module
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

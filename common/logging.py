@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from tqdm import tqdm
 
+from common import atomic
+
 
 def _plain(v):
     if isinstance(v, np.generic | np.ndarray):
@@ -66,9 +68,7 @@ class MetricWriter:
                 rows.append({"step": math.inf})  # torn write: dropped below
         keep = [r for r in rows if r["step"] <= step]
         if len(keep) < len(rows):
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            tmp.replace(self.path)
+            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         return len(rows) - len(keep)
 
     def close(self) -> None:

@@ -7,6 +7,8 @@ import pathlib
 import nibabel as nib
 import numpy as np
 
+from common import atomic
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -96,4 +98,5 @@ def save(
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(1.0, 0.0)  # the reference's scaling does not apply to labels
         img = nib.Nifti1Image(data, None, header=header)
-    nib.save(img, str(path))
+    with atomic.path(path) as tmp:
+        nib.save(img, str(tmp))

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import pathlib
 import signal
@@ -82,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from common import atomic
 from common.checkpoint import Checkpointer
 from common.logging import MetricWriter, progress
 
@@ -322,5 +322,5 @@ def train_loop(
     writer.close()
     best, last_ckpt = summarise(checkpointer)
     result = TrainResult(best, last_ckpt, time.time() - t0)
-    (workdir / "train_summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=1))
+    atomic.write_json(workdir / "train_summary.json", dataclasses.asdict(result))
     return state, result

@@ -11,13 +11,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import metrics  # noqa: E402
+from common import atomic, metrics  # noqa: E402
 
 
 def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic.path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -201,7 +202,8 @@ def label_overlays(
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.savefig(pathlib.Path(path), dpi=110)
+    with atomic.path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return pathlib.Path(path)
 
@@ -247,6 +249,7 @@ def attention_grid(
         fig.colorbar(im, ax=axes, shrink=min(1.0, 4.0 / r), label="weight")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.savefig(pathlib.Path(path), dpi=100)
+    with atomic.path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return pathlib.Path(path)

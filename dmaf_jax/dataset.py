@@ -17,13 +17,12 @@ Decisions, in order (each is logged and recorded in `<workdir>/data_summary.json
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
 from absl import logging
 
-from common import viz
+from common import atomic, viz
 from common.loader import iterate
 from common.logging import progress
 from dmaf_jax import data, missing, preprocess, splits, synthetic
@@ -250,7 +249,7 @@ def prepare(cfg, workdir: str | pathlib.Path, for_training: bool = False) -> Pre
         availability=missing.availability(spec, masks),
         combination_counts=missing.combination_counts(spec, masks),
     )
-    (workdir / "data_summary.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_json(workdir / "data_summary.json", summary)
     return Prepared(spec, root, split, masks, summary)
 
 

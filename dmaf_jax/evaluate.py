@@ -23,15 +23,14 @@ Outputs in the workdir: `results.csv` (a row per case and combination), for MyoP
 from __future__ import annotations
 
 import csv
-import json
 import pathlib
 import time
 
 import numpy as np
 from absl import logging
 
+from common import atomic, viz
 from common import metrics as metrics_lib
-from common import viz
 from common.logging import progress
 from dmaf_jax import dataset, experiment, splits
 from dmaf_jax.inference import to_model_input
@@ -360,7 +359,7 @@ def conventions(cfg, spec: DatasetSpec, empty: str) -> dict:
 
 
 def _csv_rows(path: pathlib.Path, rows: list[dict], keys, first: tuple[str, ...]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic.open_text(path, newline="") as f:
         w = csv.writer(f)
         w.writerow([*first, "combination", *(f"{k}_{m}" for k in keys for m in METRICS)])
         for r in rows:
@@ -407,10 +406,10 @@ def _write_outputs(cfg, spec, workdir, result, rows, vol_rows, names, masks, fig
     if myops:
         _csv_rows(workdir / "results_volumes.csv", vol_rows, keys, ("subject",))
     header, table = paper_table(spec, result)
-    (workdir / "table.md").write_text(_markdown(header, table) + "\n")
-    with (workdir / "table.csv").open("w", newline="") as f:
+    atomic.write_text(workdir / "table.md", _markdown(header, table) + "\n")
+    with atomic.open_text(workdir / "table.csv", newline="") as f:
         csv.writer(f).writerows([header, *table])
-    (workdir / "metrics.json").write_text(json.dumps(result, indent=1))
+    atomic.write_json(workdir / "metrics.json", result)
     write_report(cfg, spec, workdir, result, names, masks, figures)
 
 
@@ -504,8 +503,7 @@ def write_report(cfg, spec, workdir, result, names, masks, figures) -> pathlib.P
         + ", `table.md` / `table.csv` (the table above), `metrics.json`.",
         "",
     ]
-    path = workdir / "report.md"
-    path.write_text("\n".join(lines))
+    path = atomic.write_text(workdir / "report.md", "\n".join(lines))
     return path
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from common import atomic
 from dmaf_jax.modalities import DatasetSpec
 from dmaf_jax.splits import subject_of
 
@@ -118,7 +119,7 @@ def generate_masks(
 def write_csv(spec: DatasetSpec, masks: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic.open_text(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["data_name", "mask_id", "mask", "pos_mask_ids"])
         for name in sorted(masks):

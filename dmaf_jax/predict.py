@@ -18,13 +18,12 @@ background 1). `<output>/predictions.json` lists each case's present and missing
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
 from absl import logging
 
-from common import nifti
+from common import atomic, nifti
 from common.logging import progress
 from dmaf_jax import experiment, preprocess
 from dmaf_jax.inference import to_model_input
@@ -147,5 +146,5 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> list[dict]:
         "cases": results,
         "failed": summary.failed,
     }
-    (out_dir / "predictions.json").write_text(json.dumps(summary_out, indent=1))
+    atomic.write_json(out_dir / "predictions.json", summary_out)
     return results

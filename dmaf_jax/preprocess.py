@@ -52,7 +52,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from common import nifti
+from common import atomic, nifti
 from dmaf_jax.modalities import BRATS, MYOPS, DatasetSpec
 
 HGG_LGG_RANGES = ((1, 259, "HG_"), (260, 335, "LG_"), (336, 369, "HG_"))
@@ -384,9 +384,7 @@ def grid_affine(affine: np.ndarray, box, scale: Sequence[float]) -> np.ndarray:
 
 def _write_json(path: pathlib.Path, obj: dict) -> None:
     """Temporary name + rename: a metadata file exists only complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def read_meta(path: pathlib.Path) -> dict | None:
@@ -440,9 +438,8 @@ def available_cases(root: str | pathlib.Path) -> list[str]:
 def _write(out_root: pathlib.Path, name: str, vol: np.ndarray, seg: np.ndarray) -> None:
     for sub, arr in (("vol", vol), ("seg", seg)):
         path = out_root / sub / f"{name}_{sub}.npy"
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+        with atomic.path(path) as tmp:
+            np.save(tmp, arr)
 
 
 def _present_channels(case: RawCase, spec: DatasetSpec) -> list[int]:

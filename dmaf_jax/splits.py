@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from common import atomic
+
 SPLIT_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
 SHIPPED = pathlib.Path(__file__).parent / "data"  # <dataset>/{train,val,test}.txt and CSVs
 
@@ -56,7 +58,7 @@ def write_lists(split: dict[str, list[str]], folder: str | pathlib.Path) -> None
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for s, names in split.items():
-        (folder / SPLIT_FILES[s]).write_text("".join(f"{n}\n" for n in names))
+        atomic.write_text(folder / SPLIT_FILES[s], "".join(f"{n}\n" for n in names))
 
 
 def resolve(

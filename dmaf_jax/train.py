@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from common import viz
+from common import atomic, viz
 from common.loader import iterate
 from common.logging import progress, read_jsonl
 from common.training import train_loop
@@ -146,7 +146,7 @@ def train(cfg, workdir: str | pathlib.Path):
     workdir = pathlib.Path(workdir)
     experiment.validate_config(cfg)
     prep = dataset.prepare(cfg, workdir, for_training=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=1))
     spec = prep.spec
     train_cases = prep.cases("train")
     if not train_cases:

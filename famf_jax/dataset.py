@@ -22,6 +22,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from common import atomic
+
 SPLITS = ("train", "valid", "test")
 BMODE_FILE, SWE_FILE, LABEL_FILE = "gray.jpg", "elastic.jpg", "label.npy"
 
@@ -312,7 +314,7 @@ def load(
     else:
         plan = plan_splits(labels, given, folds, seed)
         plan_path.parent.mkdir(parents=True, exist_ok=True)
-        plan_path.write_text(json.dumps({"seed": seed, "inputs": inputs, "folds": plan}, indent=1))
+        atomic.write_json(plan_path, {"seed": seed, "inputs": inputs, "folds": plan})
     for p in problems:
         logging.warning("data: %s", p)
     return FamfData(records, plan, problems)

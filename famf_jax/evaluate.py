@@ -19,7 +19,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from common import calibration, viz
+from common import atomic, calibration, viz
 from common import metrics as metrics_lib
 from common.loader import iterate
 from common.logging import read_jsonl
@@ -63,9 +63,7 @@ def calibration_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:
 
 def write_calibration(workdir: pathlib.Path, fold: int, calib: dict) -> None:
     path = calibration_path(workdir, fold)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(calib, indent=1))
-    tmp.replace(path)
+    atomic.write_json(path, calib)
 
 
 def operating_point_metrics(labels: np.ndarray, q: np.ndarray, calib: dict) -> dict:
@@ -182,7 +180,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         "folds": folds,
         "data_problems": data.problems,
     }
-    (workdir / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    atomic.write_json(workdir / "metrics.json", result, default=_json_default)
     write_report(cfg, workdir, result, curves, first_vars)
     return result
 
@@ -292,8 +290,7 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
     if result["data_problems"]:
         lines += ["", "## Data problems", ""] + [f"- {p}" for p in result["data_problems"]]
     lines += ["", "## Conventions", "", CONVENTIONS, ""]
-    path = workdir / "report.md"
-    path.write_text("\n".join(lines))
+    path = atomic.write_text(workdir / "report.md", "\n".join(lines))
     return path
 
 
@@ -339,8 +336,7 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
     mean = np.mean(per_fold, axis=0)
     cal = np.mean(calibrated, axis=0) if calibrated else None
     threshold = float(np.mean(thresholds)) if calibrated else None
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic.open_text(out, newline="") as f:
         w = csv.writer(f)
         w.writerow(
             [
@@ -363,5 +359,4 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
                     "" if r.label < 0 else r.label,
                 ]
             )
-    tmp.replace(out)
     return out

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from common import optim
+from common import atomic, optim
 from common.loader import iterate
 from common.training import TrainResult, train_loop
 from famf_jax import dataset, pipeline, rdo
@@ -193,7 +193,7 @@ def train(cfg, workdir: str | pathlib.Path) -> list[TrainResult]:
     validate_config(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=1))
     data = resolve_data(cfg, workdir)
     folds = len(data.folds)
     logging.info(

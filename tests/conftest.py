@@ -58,3 +58,21 @@ def latest_step(ckpts: pathlib.Path) -> int:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python run.py *args` from the repository, output captured (the compile cache shared)."""
+    cmd = [sys.executable, str(REPO / "run.py"), f"--compilation_cache={REPO / '.jax_cache'}"]
+    return subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *culprits: str) -> str:
+    """The run failed with a last stderr line `error: ...` naming every `culprits` string, and
+    printed no traceback. Returns that line."""
+    assert proc.returncode not in (0, None), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    assert last.startswith("error: "), proc.stderr[-2000:]
+    for c in culprits:
+        assert c in last, f"{c!r} not in {last!r}"
+    return last
