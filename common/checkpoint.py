@@ -4,10 +4,17 @@ A checkpoint holds `state` (any pytree of arrays), `meta` (JSON: config, epoch, 
 and, when given, `data` (a Grain iterator's position). Retention: the latest `keep_latest`
 checkpoints, plus the best by each named metric (highest wins; on ties the later step, as the
 original's `>=`). Only this file talks to orbax, so moving to another orbax API touches it alone.
+
+Atomicity (orbax 0.12.8, local disk): a save writes `<step>.orbax-checkpoint-tmp/` and renames it
+to `<step>/` only when complete, so a kill leaves a tmp folder that orbax never lists as a step; a
+writable Checkpointer warns about and removes such folders when it opens. A step folder damaged
+later (files truncated or deleted, e.g. by a kill while retention deletes it) is still listed:
+`restore_latest` warns, moves it aside to `<step>.incomplete` and falls back a step.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 from collections.abc import Sequence
@@ -15,7 +22,15 @@ from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+_TMP = ocp.path.step.TMP_DIR_SUFFIX  # orbax's name mark of a save that has not finished
+
+
+def _reason(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _metric_getter(name: str):
@@ -39,6 +54,13 @@ class Checkpointer:
     ):
         self.directory = pathlib.Path(directory).absolute()
         self.best_metrics = tuple(best_metrics)
+        self.read_only = read_only
+        # Listed before orbax removes them (it does so while the manager is created).
+        unfinished = sorted(
+            p
+            for p in (self.directory.iterdir() if self.directory.is_dir() else ())
+            if _TMP in p.name and p.is_dir() and not p.is_symlink()
+        )
         policies = [pp.LatestN(n=keep_latest)]
         policies += [
             pp.BestN(get_metric_fn=_metric_getter(m), n=1, keep_checkpoints_without_metrics=False)
@@ -49,8 +71,17 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=False,
+            # Safe: one writer per directory, and a read-only one (evaluation next to a
+            # running training) never cleans, so no save in progress loses its folder.
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        for p in unfinished:
+            logging.warning(
+                "checkpoint folder %s was left half-written by an interrupted save: ignored%s",
+                p,
+                "" if read_only else " and removed",
+            )
 
     def save(
         self,
@@ -78,17 +109,27 @@ class Checkpointer:
         return dict(out["meta"])
 
     def best_step(self, metric: str) -> int | None:
-        """The retained step with the highest `meta['metrics'][metric]`, the later on ties."""
+        """The retained step with the highest `meta['metrics'][metric]`, the later on ties;
+        steps whose meta cannot be read are skipped with a warning."""
         best, best_value = None, -math.inf
         for step in sorted(self.steps()):
-            value = _metric_getter(metric)(self.meta(step).get("metrics") or {})
+            try:
+                meta = self.meta(step)
+            except Exception as err:  # any damage: the step is just not a candidate
+                logging.warning(
+                    "checkpoint folder %s is incomplete (%s): not a best-step candidate",
+                    self._path(step),
+                    _reason(err),
+                )
+                continue
+            value = _metric_getter(metric)(meta.get("metrics") or {})
             if value >= best_value and value > -math.inf:
                 best, best_value = step, value
         return best
 
     def has_data(self, step: int) -> bool:
         """Whether `step` holds a data iterator position (an imported checkpoint does not)."""
-        return (self.directory / str(step) / "data").is_dir()
+        return (self._path(step) / "data").is_dir()
 
     def restore(self, step: int, state_template: Any, *, data_iterator: Any = None):
         """(state, meta) of `step`; `data_iterator`, if given, is moved to the saved position
@@ -98,6 +139,79 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], dict(out["meta"])
+
+    def restore_latest(
+        self, state_template: Any, *, data_iterator: Any = None
+    ) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the latest complete checkpoint, as `restore` gives them
+        (`data_iterator` included); None when there is none.
+
+        A listed step that cannot be restored (files missing or truncated) is skipped with a
+        warning and, unless read-only, renamed to `<step>.incomplete`. A complete step that does
+        not fit `state_template` raises: that is the caller's error, not damage."""
+        position = data_iterator.get_state() if hasattr(data_iterator, "get_state") else None
+        for step in sorted(self.steps(), reverse=True):
+            why = self._missing_items(step)
+            if why is None:
+                try:
+                    state, meta = self.restore(step, state_template, data_iterator=data_iterator)
+                    return step, state, meta
+                except Exception:
+                    why = self._damage(step)
+                    if why is None:
+                        raise
+            if position is not None:  # a failed restore may have moved it
+                data_iterator.set_state(position)
+            logging.warning(
+                "checkpoint folder %s is incomplete (%s): skipped%s",
+                self._path(step),
+                why,
+                "" if self.read_only else f", moved to {self._set_aside(step).name}",
+            )
+        return None
+
+    def _path(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
+
+    def _missing_items(self, step: int) -> str | None:
+        """Items the step's own metadata lists but whose folder is gone (a missing `data`
+        would otherwise pass for an imported checkpoint); None if none or unknown."""
+        try:
+            listed = json.loads((self._path(step) / "_CHECKPOINT_METADATA").read_text())
+            listed = list(listed["item_handlers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no or unreadable metadata: restoring decides
+        missing = [i for i in listed if not (self._path(step) / i).is_dir()]
+        return f"item folders {missing} missing" if missing else None
+
+    def _damage(self, step: int) -> str | None:
+        """Why `step` cannot be read back without a template; None if it reads in full
+        (then a failed restore was the template's fault). Reads everything: failures only."""
+        try:
+            items = {"state": ocp.args.StandardRestore(), "meta": ocp.args.JsonRestore()}
+            self._manager.restore(step, args=ocp.args.Composite(**items))
+            if self.has_data(step):
+                files = list((self._path(step) / "data").glob("process_*.json"))
+                if not files:
+                    return "no data position file"
+                for f in files:
+                    json.loads(f.read_text())
+        except Exception as err:  # whatever orbax or tensorstore raise on damage
+            return _reason(err)
+        return None
+
+    def _set_aside(self, step: int) -> pathlib.Path:
+        # Renamed rather than deleted: what is left may still be wanted (meta, a partial
+        # state). The new name is no step name for orbax, so a later save at `step` does not
+        # collide with it and latest/best/retention no longer see it.
+        target = self.directory / f"{step}.incomplete"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.incomplete-{n}"
+        self._path(step).rename(target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         self._manager.wait_until_finished()

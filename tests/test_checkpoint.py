@@ -1,0 +1,234 @@
+"""Checkpointer: resume skips checkpoint folders left half-written or damaged."""
+
+import logging
+import os
+import pathlib
+import shutil
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from common.checkpoint import Checkpointer
+
+TMP = ocp.path.step.TMP_DIR_SUFFIX
+
+
+def state_at(step: int) -> dict:
+    """A tiny pytree whose every leaf depends on `step`."""
+    return {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3) * (step + 1),
+        "opt": {"mu": np.full((4,), step, np.float32), "count": np.array(step, np.int32)},
+    }
+
+
+def template() -> dict:
+    return state_at(0)
+
+
+def iterator():
+    return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+def save_steps(ckpt: Checkpointer, steps, *, data: bool = True) -> None:
+    """Saves each step with the data position after `step` elements (next element: `step`)."""
+    for step in steps:
+        it = iterator()
+        for _ in range(step):
+            next(it)
+        meta = {"epoch": step, "metrics": {"dice": step / 10}}
+        ckpt.save(
+            step,
+            state_at(step),
+            meta,
+            data_iterator=it if data else None,
+            metrics=meta["metrics"],
+        )
+
+
+def assert_tree_equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_tree_equal(a[k], b[k])
+        else:
+            np.testing.assert_array_equal(np.asarray(a[k]), b[k])
+            assert np.asarray(a[k]).dtype == b[k].dtype
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def truncate(paths) -> None:
+    paths = [p for p in paths if p.is_file() and p.stat().st_size > 1]
+    assert paths
+    for p in paths:
+        os.truncate(p, p.stat().st_size // 2)
+
+
+@pytest.fixture
+def caplog_absl(caplog):
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        yield caplog
+
+
+def test_normal_resume_restores_the_latest_exactly(tmp_path, caplog_absl):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    save_steps(ckpt, [1, 2, 3])
+    ckpt.close()
+    caplog_absl.clear()
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    it = iterator()
+    step, state, meta = ckpt.restore_latest(template(), data_iterator=it)
+    assert step == 3
+    assert_tree_equal(state, state_at(3))
+    assert meta == {"epoch": 3, "metrics": {"dice": 0.3}}
+    assert next(it) == 3  # the saved data position
+    assert not [w for w in warnings_of(caplog_absl) if "incomplete" in w or "half" in w]
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+    ckpt.close()
+
+
+def test_no_checkpoint_gives_none_and_leaves_the_iterator(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    it = iterator()
+    next(it)
+    assert ckpt.restore_latest(template(), data_iterator=it) is None
+    assert next(it) == 1
+    ckpt.close()
+
+
+def kill_during_save(directory: pathlib.Path, step: int, monkeypatch) -> None:
+    """Saves `step` as a killed process would leave it: every file written, the final
+    rename (orbax's commit) never done."""
+    ckpt = Checkpointer(directory, best_metrics=("dice",), keep_latest=3)
+
+    class Killed(BaseException):
+        pass
+
+    async def killed(self):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", killed)
+        with pytest.raises(Killed):
+            save_steps(ckpt, [step])
+
+
+def test_folder_of_a_killed_save_is_ignored_and_removed(tmp_path, monkeypatch, caplog_absl):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    save_steps(ckpt, [1, 2])
+    ckpt.close()
+    kill_during_save(tmp_path, 3, monkeypatch)
+    (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith("3")]
+    assert TMP in tmp.name and (tmp / "_CHECKPOINT_METADATA").is_file()
+
+    # read-only (evaluation): ignored, left alone
+    caplog_absl.clear()
+    ro = Checkpointer(tmp_path, read_only=True)
+    assert any(str(tmp) in w and "ignored" in w for w in warnings_of(caplog_absl))
+    assert ro.steps() == [1, 2] and tmp.is_dir()
+    assert ro.restore_latest(template())[0] == 2
+    ro.close()
+
+    caplog_absl.clear()
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    it = iterator()
+    step, state, meta = ckpt.restore_latest(template(), data_iterator=it)
+    assert any(str(tmp) in w and "removed" in w for w in warnings_of(caplog_absl))
+    assert step == 2 and meta["epoch"] == 2
+    assert_tree_equal(state, state_at(2))
+    assert next(it) == 2
+    save_steps(ckpt, [4])  # not the killed step: orbax's save would not clear that folder
+    assert ckpt.steps() == [1, 2, 4]
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "4"]
+    assert_tree_equal(ckpt.restore_latest(template())[1], state_at(4))
+    ckpt.close()
+
+
+DAMAGE = {
+    "state data truncated": lambda d: truncate(list((d / "state" / "d").iterdir())),
+    "all state files truncated": lambda d: truncate(list((d / "state").rglob("*"))),
+    "state folder removed": lambda d: shutil.rmtree(d / "state"),
+    "meta truncated": lambda d: truncate([d / "meta" / "metadata"]),
+    "data folder removed": lambda d: shutil.rmtree(d / "data"),
+    "data position truncated": lambda d: truncate(list((d / "data").iterdir())),
+    "emptied": lambda d: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in d.iterdir()],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_step_is_set_aside_and_the_previous_restored(tmp_path, damage, caplog_absl):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    save_steps(ckpt, [1, 2, 3])
+    ckpt.close()
+    DAMAGE[damage](tmp_path / "3")
+    caplog_absl.clear()
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    assert ckpt.steps() == [1, 2, 3]  # orbax still lists it
+    it = iterator()
+    step, state, meta = ckpt.restore_latest(template(), data_iterator=it)
+    assert step == 2 and meta == {"epoch": 2, "metrics": {"dice": 0.2}}
+    assert_tree_equal(state, state_at(2))
+    assert next(it) == 2
+    warned = [w for w in warnings_of(caplog_absl) if f"folder {tmp_path / '3'} " in w]
+    assert len(warned) == 1 and "incomplete" in warned[0] and "3.incomplete" in warned[0]
+    assert (tmp_path / "3.incomplete").is_dir()  # kept for the user, out of orbax's sight
+    assert not (tmp_path / "3").exists()
+    assert ckpt.steps() == [1, 2] and ckpt.latest_step() == 2
+    assert ckpt.best_step("dice") == 2
+
+    save_steps(ckpt, [3, 4])  # the same step number again, then retention
+    assert ckpt.steps() == [2, 3, 4]
+    assert (tmp_path / "3.incomplete").is_dir()
+    step, state, _ = ckpt.restore_latest(template())
+    assert step == 4
+    assert_tree_equal(state, state_at(4))
+    ckpt.close()
+
+
+def test_falls_back_step_by_step_and_keeps_every_damaged_folder(tmp_path, caplog_absl):
+    ckpt = Checkpointer(tmp_path, keep_latest=3)
+    save_steps(ckpt, [1], data=False)  # an imported checkpoint: no data position
+    save_steps(ckpt, [2, 3])
+    ckpt.close()
+    (tmp_path / "3.incomplete").mkdir()  # left by an earlier resume
+    for step in (2, 3):
+        truncate(list((tmp_path / str(step) / "state" / "d").iterdir()))
+    ckpt = Checkpointer(tmp_path, keep_latest=3)
+    it = iterator()
+    next(it)
+    step, state, _ = ckpt.restore_latest(template(), data_iterator=it)
+    assert step == 1
+    assert_tree_equal(state, state_at(1))
+    assert next(it) == 1  # where it was: step 1 holds no position, and 2's restore failed
+    assert sorted(os.listdir(tmp_path)) == ["1", "2.incomplete", "3.incomplete", "3.incomplete-2"]
+    for name in ("2", "3"):
+        assert any(str(tmp_path / name) in w for w in warnings_of(caplog_absl))
+    ckpt.close()
+
+
+def test_read_only_skips_a_damaged_step_without_touching_it(tmp_path, caplog_absl):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    save_steps(ckpt, [1, 2, 3])
+    ckpt.close()
+    truncate([tmp_path / "3" / "meta" / "metadata"])
+    ro = Checkpointer(tmp_path, best_metrics=("dice",), read_only=True)
+    assert ro.best_step("dice") == 2  # 3's meta cannot be read: not a candidate
+    assert any(str(tmp_path / "3") in w for w in warnings_of(caplog_absl))
+    assert ro.restore_latest(template())[0] == 2
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+    ro.close()
+
+
+def test_a_complete_checkpoint_that_does_not_fit_the_template_raises(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_latest=3)
+    save_steps(ckpt, [1, 2])
+    wrong = {**template(), "extra": np.zeros(1, np.float32)}
+    with pytest.raises(ValueError, match="tree structures do not match"):
+        ckpt.restore_latest(wrong)
+    assert ckpt.steps() == [1, 2]  # nothing set aside: not damage
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+    ckpt.close()
