@@ -2,8 +2,9 @@
 
 A checkpoint holds `state` (any pytree of arrays), `meta` (JSON: config, epoch, fold, metrics)
 and, when given, `data` (a Grain iterator's position). Retention: the latest `keep_latest`
-checkpoints, plus the best by each named metric (highest wins; on ties the later step, as the
-original's `>=`). Only this file talks to orbax, so moving to another orbax API touches it alone.
+checkpoints, plus the best by each named metric of `meta["metrics"]` (highest wins; on ties the
+later step, as the original's `>=`; missing, None or NaN never best), whatever restarts happened
+between saves. Only this file talks to orbax, so moving to another orbax API touches it alone.
 
 Atomicity (orbax 0.12.8, local disk): a save writes `<step>.orbax-checkpoint-tmp/` and renames it
 to `<step>/` only when complete, so a kill leaves a tmp folder that orbax never lists as a step; a
@@ -35,10 +36,26 @@ def _reason(err: BaseException) -> str:
 
 def _metric_getter(name: str):
     def get(metrics: dict) -> float:
-        v = metrics.get(name, -math.inf)
-        return -math.inf if v is None or math.isnan(v) else float(v)
+        try:
+            v = float(metrics.get(name))
+        except (TypeError, ValueError):  # missing, None or not a number: ranked last
+            return -math.inf
+        return -math.inf if math.isnan(v) else v
 
     return get
+
+
+def _best(metas: dict[int, dict], metric: str) -> int | None:
+    """The step with the highest `metas[step]["metrics"][metric]`, the later on ties; None if
+    no step has a number there."""
+    get = _metric_getter(metric)
+    best, best_value = None, -math.inf
+    for step in sorted(metas):
+        metrics = metas[step].get("metrics")
+        value = get(metrics if isinstance(metrics, dict) else {})
+        if value >= best_value and value > -math.inf:
+            best, best_value = step, value
+    return best
 
 
 class Checkpointer:
@@ -52,8 +69,11 @@ class Checkpointer:
         keep_latest: int = 1,
         read_only: bool = False,
     ):
+        if keep_latest < 1:  # the step just saved must survive its own save: resume needs it
+            raise ValueError(f"keep_latest must be at least 1, got {keep_latest}")
         self.directory = pathlib.Path(directory).absolute()
         self.best_metrics = tuple(best_metrics)
+        self.keep_latest = keep_latest
         self.read_only = read_only
         # Listed before orbax removes them (it does so while the manager is created).
         unfinished = sorted(
@@ -61,13 +81,11 @@ class Checkpointer:
             for p in (self.directory.iterdir() if self.directory.is_dir() else ())
             if _TMP in p.name and p.is_dir() and not p.is_symlink()
         )
-        policies = [pp.LatestN(n=keep_latest)]
-        policies += [
-            pp.BestN(get_metric_fn=_metric_getter(m), n=1, keep_checkpoints_without_metrics=False)
-            for m in self.best_metrics
-        ]
+        # Orbax keeps everything; `_retain` deletes. Orbax's BestN ranks the metrics given to
+        # `save`, which it writes to disk only with `best_fn` (one metric, no ties rule), so
+        # steps reloaded after a restart had none and were deleted. The meta is always on disk.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=pp.AnyPreservationPolicy(policies),
+            preservation_policy=pp.PreserveAll(),
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=False,
@@ -92,11 +110,30 @@ class Checkpointer:
         data_iterator: Any = None,
         metrics: dict[str, float] | None = None,
     ) -> None:
+        """Saves `step`, then deletes the steps retention no longer keeps.
+
+        Ranking reads `meta["metrics"]`; `metrics` is unused (kept for callers' signature)."""
+        del metrics
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
+        self._retain()
+
+    def _retain(self) -> None:
+        """Deletes every step but the latest `keep_latest` and each best of `best_metrics`,
+        through the manager so its step list stays right. A step whose meta cannot be read
+        is no best candidate (as in `best_step`), so it goes unless among the latest."""
+        if self.read_only:
+            return
+        steps = sorted(self.steps())
+        metas = self._readable_metas(steps)
+        keep = set(steps[-self.keep_latest :])
+        keep |= {_best(metas, m) for m in self.best_metrics} - {None}
+        for step in steps:
+            if step not in keep:
+                self._manager.delete(step)
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -110,22 +147,22 @@ class Checkpointer:
 
     def best_step(self, metric: str) -> int | None:
         """The retained step with the highest `meta['metrics'][metric]`, the later on ties;
-        steps whose meta cannot be read are skipped with a warning."""
-        best, best_value = None, -math.inf
-        for step in sorted(self.steps()):
+        steps whose meta cannot be read are skipped with a warning; None if no step has a
+        number for `metric`."""
+        return _best(self._readable_metas(self.steps()), metric)
+
+    def _readable_metas(self, steps: Sequence[int]) -> dict[int, dict]:
+        out = {}
+        for step in steps:
             try:
-                meta = self.meta(step)
+                out[step] = self.meta(step)
             except Exception as err:  # any damage: the step is just not a candidate
                 logging.warning(
                     "checkpoint folder %s is incomplete (%s): not a best-step candidate",
                     self._path(step),
                     _reason(err),
                 )
-                continue
-            value = _metric_getter(metric)(meta.get("metrics") or {})
-            if value >= best_value and value > -math.inf:
-                best, best_value = step, value
-        return best
+        return out
 
     def has_data(self, step: int) -> bool:
         """Whether `step` holds a data iterator position (an imported checkpoint does not)."""

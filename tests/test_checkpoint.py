@@ -1,4 +1,5 @@
-"""Checkpointer: resume skips checkpoint folders left half-written or damaged."""
+"""Checkpointer: resume skips checkpoint folders left half-written or damaged; retention
+keeps the latest and the best by the checkpoints' own meta, across restarts."""
 
 import logging
 import os
@@ -232,3 +233,111 @@ def test_a_complete_checkpoint_that_does_not_fit_the_template_raises(tmp_path):
     assert ckpt.steps() == [1, 2]  # nothing set aside: not damage
     assert sorted(os.listdir(tmp_path)) == ["1", "2"]
     ckpt.close()
+
+
+NAN = float("nan")
+
+
+def save_metrics(ckpt: Checkpointer, step: int, metrics: dict | None) -> None:
+    """Saves `step` as the training loop does: the metrics in the meta and given to `save`."""
+    ckpt.save(step, state_at(step), {"epoch": step, "metrics": metrics}, metrics=metrics)
+
+
+def assert_retained(ckpt: Checkpointer, directory: pathlib.Path, steps: list[int]) -> None:
+    assert ckpt.steps() == steps
+    assert sorted(os.listdir(directory), key=int) == [str(s) for s in steps]  # gone from disk
+
+
+def test_resume_keeps_the_best_saved_before_it(tmp_path):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=1)
+    save_metrics(ckpt, 1, {"dice": 0.9})
+    save_metrics(ckpt, 2, {"dice": 0.1})
+    assert_retained(ckpt, tmp_path, [1, 2])
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=1)
+    save_metrics(ckpt, 3, {"dice": 0.2})
+    assert_retained(ckpt, tmp_path, [1, 3])
+    assert ckpt.best_step("dice") == 1
+    state, meta = ckpt.restore(1, template())
+    assert_tree_equal(state, state_at(1))
+    assert meta == {"epoch": 1, "metrics": {"dice": 0.9}}
+    ckpt.close()
+
+
+# (step, dice, sens, reopen after the save, retained after the save), worked out by hand with
+# keep_latest=2: the 2 highest steps, plus for each metric the highest value among the steps
+# retained before (the later on ties; NaN and a None `metrics` never best).
+HISTORY = [
+    (1, 0.5, 0.3, False, [1]),
+    (2, 0.7, 0.1, True, [1, 2]),  # dice best 2, sens best 1
+    (3, 0.2, 0.9, False, [2, 3]),  # 1 was best in neither any more
+    (4, 0.7, NAN, True, [3, 4]),  # dice ties with 2: the later 4; sens NaN: 3 stays best
+    (5, None, None, True, [3, 4, 5]),  # an interrupted save: no metrics at all
+    (6, 0.1, 0.9, False, [4, 5, 6]),  # sens ties with 3: the later 6
+    (7, 0.8, 0.2, True, [6, 7]),  # dice best 7 now; 4 and 5 go together
+    (8, 0.3, 0.95, False, [7, 8]),  # sens best 8
+]
+
+
+def test_retention_with_two_metrics_across_reopenings(tmp_path):
+    def open_():
+        return Checkpointer(tmp_path, best_metrics=("dice", "sens"), keep_latest=2)
+
+    ckpt = open_()
+    for step, dice, sens, reopen, retained in HISTORY:
+        save_metrics(ckpt, step, None if dice is None else {"dice": dice, "sens": sens})
+        assert_retained(ckpt, tmp_path, retained)
+        if reopen:
+            ckpt.close()
+            ckpt = open_()
+            assert_retained(ckpt, tmp_path, retained)
+    assert (ckpt.best_step("dice"), ckpt.best_step("sens")) == (7, 8)
+    ckpt.close()
+
+
+def test_steps_without_a_number_for_the_metric_are_never_kept_as_best(tmp_path):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=1)
+    save_metrics(ckpt, 1, {"dice": NAN})
+    save_metrics(ckpt, 2, {"dice": NAN})
+    save_metrics(ckpt, 3, None)
+    assert_retained(ckpt, tmp_path, [3])
+    assert ckpt.best_step("dice") is None
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=1)
+    save_metrics(ckpt, 4, {"dice": 0.4})
+    assert_retained(ckpt, tmp_path, [4])
+    for step, metrics in [(5, None), (6, {"dice": None, "sens": 1.0}), (7, {"sens": 2.0})]:
+        save_metrics(ckpt, step, metrics)
+        assert_retained(ckpt, tmp_path, [4, step])
+    save_metrics(ckpt, 8, {"dice": 0.3})
+    assert_retained(ckpt, tmp_path, [4, 8])
+    ckpt.close()
+
+
+def test_retention_drops_a_step_whose_meta_cannot_be_read(tmp_path, caplog_absl):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=1)
+    save_metrics(ckpt, 1, {"dice": 0.9})
+    save_metrics(ckpt, 2, {"dice": 0.1})
+    ckpt.close()
+    truncate([tmp_path / "1" / "meta" / "metadata"])  # e.g. a kill while retention deleted it
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=1)
+    save_metrics(ckpt, 3, {"dice": 0.2})
+    assert any(str(tmp_path / "1") in w for w in warnings_of(caplog_absl))
+    assert_retained(ckpt, tmp_path, [3])  # 1 is no candidate, as for best_step; 3 beats 2
+    ckpt.close()
+
+
+def test_read_only_never_deletes(tmp_path):
+    ckpt = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=3)
+    for step in (1, 2, 3):
+        save_metrics(ckpt, step, {"dice": 0.1})
+    ckpt.close()
+    ro = Checkpointer(tmp_path, best_metrics=("dice",), keep_latest=1, read_only=True)
+    assert ro.best_step("dice") == 3
+    ro.close()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+
+
+def test_keep_latest_below_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep_latest"):
+        Checkpointer(tmp_path, keep_latest=0)
