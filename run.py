@@ -117,9 +117,12 @@ def main(argv):
 
 def _describe(e: BaseException) -> str:
     """One line naming the culprit. Errors of the project's own checks (ValueError,
-    OSError and their kinds) carry their message; anything else also its type."""
+    OSError and their kinds, a training check's Stopped) carry their message; anything else
+    also its type."""
+    from common.training import Stopped
+
     text = " ".join(str(e).split())
-    if isinstance(e, ValueError | OSError) and text:
+    if isinstance(e, ValueError | OSError | Stopped) and text:
         return text
     return f"{type(e).__name__}: {text} (--verbosity=1 shows the traceback)"
 

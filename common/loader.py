@@ -7,8 +7,43 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import grain
+from absl import logging
+
+T = TypeVar("T")
+
+# What reading a damaged file raises: PIL and gzip (OSError, EOFError), numpy's header and
+# memory-map checks (ValueError); `Unusable` is a ValueError.
+UNREADABLE = (OSError, ValueError, EOFError)
+
+
+class Unusable(ValueError):
+    """A data element that cannot be used; the message names its file and why."""
+
+
+def first_usable(
+    load: Callable[[int], T], index: int, n: int, name: Callable[[int], str], tries: int = 8
+) -> tuple[T, int]:
+    """(load(index), 0), or, when that raises one of `UNREADABLE`, a warning naming the element
+    and why and the next index (mod n) instead: (element, how many were replaced). After
+    `tries` unusable elements in a row, `Unusable` naming each of them.
+
+    A training step keeps its shapes and the pipeline its order and determinism: a damaged
+    file costs one element, not the run (`common.training.train_loop` counts the replaced
+    ones, carried in each element, and stops after a limit)."""
+    errors = []
+    for k in range(min(tries, n)):
+        i = (index + k) % n
+        try:
+            return load(i), k
+        except UNREADABLE as e:
+            why = " ".join(str(e).split()) or type(e).__name__
+            logging.warning("data: %s is unusable (%s); the next one is used instead", name(i), why)
+            errors.append(f"{name(i)}: {why}")
+    raise Unusable(f"{len(errors)} data elements in a row are unusable: " + "; ".join(errors))
 
 
 def iterate(
@@ -46,9 +81,11 @@ def exit_with_parent(parent: int, worker_index: int = 0, worker_count: int = 0) 
     pid is bound before the workers start: a worker that starts after the parent died must not
     take its new parent for it."""
     del worker_index, worker_count
-    # Ctrl-C reaches the whole process group; the main process saves and stops, then the
-    # watch below ends the workers. Dying mid-prefetch on the SIGINT itself would not help.
+    # Ctrl-C (and a scheduler's SIGTERM) reach the whole process group; the main process
+    # finishes its step, saves and stops, then the watch below ends the workers. Dying
+    # mid-prefetch on the signal itself would starve that last step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.getppid() != parent:
         os._exit(0)
 

@@ -55,13 +55,23 @@ What the loop does:
   checkpoints carry `metrics: None`. Every `checkpoint_every`-th epoch (0: never) a checkpoint
   is saved for resume without evaluation; the last step is always saved. Each checkpoint's
   meta is `meta` (or `meta(epoch)`) plus `epoch`, `step` and `metrics`.
+- A step output `skipped` (0-d int, `common.nonfinite.skipped`) marks a step whose loss or
+  gradients were not finite and whose update the step left out: each is logged with a warning,
+  kept out of the epoch's mean loss, and after `max_skipped_in_row` in a row (0: never) the
+  loop raises `Stopped` without saving, so the last checkpoint stays the last good one.
+- A host batch may carry `replaced` (per element: how many unusable elements, an unreadable
+  file or NaN values, its loader replaced by the next usable one, see
+  `common.loader.first_usable`); it is removed before `to_device`, and more than
+  `max_replaced` in the run raise `Stopped`. Both counts are saved in each checkpoint's meta
+  (`skipped_steps`, `replaced_elements`), so they add up over resumed runs, and reported in
+  the summary.
 - SIGINT and SIGTERM (in the main thread) end the step that is running (and, on an epoch's
   last step, that epoch's logging, evaluation and checkpoint), flush its rows, save a
   checkpoint there with the data position (meta `interrupted`: the signal's name) unless one
   was just saved, and raise `Interrupted`; the next call resumes from it exactly.
 - Returns the final state and a `TrainResult`, also written to `<workdir>/train_summary.json`:
   per criterion the best step and its metrics, the latest checkpoint's step, epoch and metrics,
-  and the seconds this call took.
+  the counts of skipped steps and replaced elements, and the seconds this call took.
 """
 
 from __future__ import annotations
@@ -95,6 +105,12 @@ class TrainResult:
     best: dict[str, dict]  # criterion -> {"step": int | None, "metrics": dict | None}
     last: dict  # {"step", "epoch", "metrics"} of the latest checkpoint
     seconds: float  # wall time of this call (a resumed run counts its own part)
+    skipped_steps: int = 0  # non-finite steps left out, over the whole run
+    replaced_elements: int = 0  # unusable data elements replaced, over the whole run
+
+
+class Stopped(RuntimeError):
+    """Training stopped by one of the loop's checks; the message says which and why."""
 
 
 class Interrupted(Exception):
@@ -151,9 +167,11 @@ class _StepLog:
         self.writer, self.exclude, self.labels = writer, set(exclude), vector_labels
         self.pending: list[dict] = []
         self.epoch_rows: list[dict[str, np.ndarray]] = []
+        self.skipped = 0  # skipped steps, in the whole run
+        self.skipped_in_row = 0
 
     def epoch_loss(self) -> float:
-        losses = [float(r["loss"]) for r in self.epoch_rows]
+        losses = [float(r["loss"]) for r in self.epoch_rows if not r.get("skipped", 0)]
         return float(np.mean(losses)) if losses else math.nan
 
     def _scalars(self, row: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -178,7 +196,20 @@ class _StepLog:
         rows = _to_host(self.pending)
         self.pending = []
         for k, row in enumerate(rows):
-            self.writer.write(step - len(rows) + k + 1, dict(self._scalars(row), epoch=epoch))
+            done = step - len(rows) + k + 1
+            self.writer.write(done, dict(self._scalars(row), epoch=epoch))
+            if row.get("skipped", 0):
+                self.skipped += 1
+                self.skipped_in_row += 1
+                logging.warning(
+                    "step %d: non-finite loss or gradients, its update was left out "
+                    "(%d in a row, %d in the run)",
+                    done,
+                    self.skipped_in_row,
+                    self.skipped,
+                )
+            else:
+                self.skipped_in_row = 0
         self.epoch_rows += rows
         return rows[-1] if rows else {}
 
@@ -228,6 +259,8 @@ def train_loop(
     vector_labels: Mapping[str, Sequence[str]] | None = None,
     postfix_keys: Sequence[str] = (),
     desc: str = "train",
+    max_skipped_in_row: int = 10,
+    max_replaced: int = 10,
 ) -> tuple[Any, TrainResult]:
     """Trains `state` to `epochs * steps_per_epoch` steps; returns (final state, summary).
 
@@ -238,9 +271,10 @@ def train_loop(
     workdir = pathlib.Path(workdir)
     total = steps_per_epoch * epochs
     writer = MetricWriter(workdir)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, saved = checkpointer.restore(latest, state, data_iterator=data)
+    saved: dict = {}
+    resumed = checkpointer.restore_latest(state, data_iterator=data)
+    if resumed is not None:
+        latest, state, saved = resumed
         state = jax.tree_util.tree_map(jnp.asarray, state)
         logging.info("%s: resumed at step %d (epoch %s)", desc, latest, saved.get("epoch"))
         if not checkpointer.has_data(latest):
@@ -250,8 +284,26 @@ def train_loop(
     if dropped:
         logging.info("%s: dropped %d metric rows after step %d", desc, dropped, start)
     log = _StepLog(writer, log_exclude, vector_labels or {})
+    log.skipped = int(saved.get("skipped_steps") or 0)
+    replaced = int(saved.get("replaced_elements") or 0)
     bar = progress(total=total, initial=start, desc=desc)
     received: list[int] = []
+
+    def checkpoint_meta(meta_epoch: int, **fields) -> dict:
+        m = dict(meta(meta_epoch) if callable(meta) else (meta or {}))
+        m.update(fields, skipped_steps=log.skipped, replaced_elements=replaced)
+        return m
+
+    def check_skipped() -> None:
+        if max_skipped_in_row and log.skipped_in_row >= max_skipped_in_row:
+            bar.close()
+            writer.close()
+            raise Stopped(
+                f"{desc}: {log.skipped_in_row} steps in a row had a non-finite loss or "
+                f"gradients (the limit is {max_skipped_in_row}); the last checkpoint, step "
+                f"{checkpointer.latest_step()}, is intact; look for NaN in the data or lower "
+                "the learning rate"
+            )
 
     def stop(done: int) -> None:
         """After a signal, with `done` steps complete (and their epoch's end handled): flush,
@@ -261,8 +313,13 @@ def train_loop(
         if log.pending:
             log.flush(done, last_epoch)
         if checkpointer.latest_step() != done:
-            m = dict(meta(last_epoch + 1) if callable(meta) else (meta or {}))
-            m.update(epoch=done // steps_per_epoch, step=done, metrics=None, interrupted=name)
+            m = checkpoint_meta(
+                last_epoch + 1,
+                epoch=done // steps_per_epoch,
+                step=done,
+                metrics=None,
+                interrupted=name,
+            )
             checkpointer.save(done, state, m, data_iterator=data)
         bar.close()
         writer.close()
@@ -280,6 +337,18 @@ def train_loop(
                 raise RuntimeError(
                     f"{desc}: data ended at step {step}; it must yield {total} batches"
                 ) from None
+            if isinstance(batch, Mapping) and "replaced" in batch:
+                batch = dict(batch)
+                n = int(np.sum(batch.pop("replaced")))
+                replaced += n
+                if n and replaced > max_replaced:
+                    bar.close()
+                    writer.close()
+                    raise Stopped(
+                        f"{desc}: {replaced} unusable data elements replaced by step {step + 1}, "
+                        f"more than the limit of {max_replaced} (the warnings above name "
+                        f"them); the last checkpoint, step {checkpointer.latest_step()}, is intact"
+                    )
             state, out = step_fn(state, to_device(batch), step)
             log.pending.append(out)
             bar.update(1)
@@ -287,6 +356,7 @@ def train_loop(
             if len(log.pending) < log_every and not end_of_epoch:
                 continue
             last_row = log.flush(step + 1, epoch)
+            check_skipped()
             loss = log.epoch_loss()
             bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, **_postfix(last_row, postfix_keys))
             if not end_of_epoch:
@@ -313,14 +383,20 @@ def train_loop(
                         ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in shown),
                     )
             if metrics is not None or last or (checkpoint_every and done % checkpoint_every == 0):
-                m = dict(meta(done) if callable(meta) else (meta or {}))
-                m.update(epoch=done, step=step + 1, metrics=metrics)
+                m = checkpoint_meta(done, epoch=done, step=step + 1, metrics=metrics)
                 checkpointer.save(step + 1, state, m, data_iterator=data, metrics=metrics)
         if received:  # during the last step or its evaluation: the final checkpoint exists
             stop(total)
     bar.close()
     writer.close()
     best, last_ckpt = summarise(checkpointer)
-    result = TrainResult(best, last_ckpt, time.time() - t0)
+    result = TrainResult(best, last_ckpt, time.time() - t0, log.skipped, replaced)
+    if log.skipped or replaced:
+        logging.warning(
+            "%s: %d non-finite steps skipped, %d unusable data elements replaced",
+            desc,
+            log.skipped,
+            replaced,
+        )
     atomic.write_json(workdir / "train_summary.json", dataclasses.asdict(result))
     return state, result

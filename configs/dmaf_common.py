@@ -37,6 +37,7 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     d.batch_size = 1
     d.workers = 0  # Grain worker processes; 2 cores: threads are faster for 3-D crops (see README)
     d.threads = 2  # reader threads per process
+    d.max_replaced = 10  # unreadable or non-finite training crops replaced before stopping
     d.preprocess_workers = 2  # processes for preprocessing cases
     d.synthetic_cases = 0  # > 0: generate raw data when data.raw_dir and data.root are empty
     d.synthetic_shape = (240, 240, 155)
@@ -64,6 +65,7 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     t.eval_every = 10  # epochs between validations (all modalities, sliding windows)
     t.checkpoint_every = 1  # epochs between checkpoints for resume
     t.log_every = 50  # steps between metric flushes
+    t.max_skipped_in_row = 10  # non-finite steps (left out) in a row before stopping; 0: never
     t.select = "best"  # best (validation Dice) | last (the spec's "test the last epoch")
 
     c.dtms = x = config_dict.ConfigDict()

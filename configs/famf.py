@@ -33,6 +33,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     d.rotation = 15  # integer rotation range in degrees
     d.folds = 5  # > 1: stratified folds over train+valid, fixed test set
     d.workers = 0  # Grain worker processes for training batches (0 = in process)
+    d.max_replaced = 10  # unreadable training pairs replaced by the next before stopping
 
     c.model = m = config_dict.ConfigDict()
     m.modalities = "both"  # both | bmode | swe (single-stream ablations)
@@ -55,6 +56,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     t.double_softmax = False  # focal-loss variant (a) of spec 3.1
     t.eval_every = 2  # epochs between validations (and checkpoints)
     t.log_every = 10  # steps between metric lines
+    t.max_skipped_in_row = 10  # non-finite steps (left out) in a row before stopping; 0: never
 
     c.rdo = r = config_dict.ConfigDict()
     r.enabled = True  # False: fixed alpha0 / gamma below

@@ -11,7 +11,8 @@ change x * s + t with s ~ U(0.9, 1.1), t ~ U(-0.1, 0.1) drawn per channel and pe
 the first axis (the original's quirk, kept; drawn after the flips here, the same in
 distribution), flips of each axis with probability 1/2, and the missing modalities zeroed.
 Batches (`common.loader.iterate`) hold image (B, *crop, M) float32, label (B, *crop) uint8,
-mask (B, M) bool and the case index.
+mask (B, M) bool, the case index and `replaced` (B,) int32 (unusable cases replaced by the
+next, see `TrainTransform`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from common import loader
 from dmaf_jax import missing
 from dmaf_jax.modalities import DatasetSpec
 
@@ -142,25 +144,54 @@ def rotate(x: np.ndarray, angle: float, plane: tuple[int, int], fill) -> np.ndar
     return np.moveaxis(out, (0, 1), (a, b))
 
 
-class TrainTransform(grain.transforms.RandomMap):
-    """One training sample from a (index, Case) pair; see the module docstring."""
+def read_checked(path: str, origin, crop, fill=0) -> np.ndarray:
+    """`read_crop`, with a damaged file or non-finite values as `Unusable` naming the file."""
+    try:
+        out = read_crop(path, origin, crop, fill)
+    except loader.UNREADABLE as e:
+        raise loader.Unusable(f"{path}: {e}") from e
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise loader.Unusable(f"{path}: NaN or infinite values")
+    return out
 
-    def __init__(self, spec: DatasetSpec, cfg: AugmentConfig):
-        self.spec, self.cfg = spec, cfg
+
+class TrainTransform(grain.transforms.RandomMap):
+    """One training sample from a (index, Case) pair; see the module docstring.
+
+    With `cases` (the dataset's list, which `index` points into), a case whose files cannot be
+    read or hold NaN is replaced by the next usable one (`common.loader.first_usable`), and the
+    sample's `replaced` counts how many were; without, the error is raised."""
+
+    def __init__(self, spec: DatasetSpec, cfg: AugmentConfig, cases: Sequence[Case] = ()):
+        self.spec, self.cfg, self.cases = spec, cfg, tuple(cases)
 
     def random_map(self, item: tuple[int, Case], rng: np.random.Generator) -> dict:
         index, case = item
+        if not self.cases:
+            return self.sample(index, case, rng)
+        out, replaced = loader.first_usable(
+            lambda i: self.sample(i, self.cases[i], rng),
+            index,
+            len(self.cases),
+            lambda i: f"training case {self.cases[i].name}",
+        )
+        return dict(out, replaced=np.int32(replaced))
+
+    def sample(self, index: int, case: Case, rng: np.random.Generator) -> dict:
         cfg = self.cfg
         mask = missing.training_mask(self.spec, cfg.mask_mode, np.array(case.mask), rng)
-        shape = np.load(case.seg, mmap_mode="r").shape
+        try:
+            shape = np.load(case.seg, mmap_mode="r").shape
+        except loader.UNREADABLE as e:
+            raise loader.Unusable(f"{case.seg}: {e}") from e
         origin = None
         if cfg.foreground and rng.random() < cfg.foreground:  # no extra draw when off
             origin = foreground_origin(case.seg, shape, cfg.crop, rng)
         if origin is None:
             origin = crop_origin(shape, cfg.crop, rng, cfg.random_crop)
-        image = read_crop(case.vol, origin, cfg.crop).astype(np.float32, copy=False)
+        image = read_checked(case.vol, origin, cfg.crop).astype(np.float32, copy=False)
         # uint8 whatever the file holds (the original's MyoPS labels are uint32)
-        label = read_crop(case.seg, origin, cfg.crop).astype(np.uint8, copy=False)
+        label = read_checked(case.seg, origin, cfg.crop).astype(np.uint8, copy=False)
         if cfg.rotation:
             planes = cfg.rotation_planes
             plane = tuple(planes[int(rng.integers(len(planes)))])
@@ -199,4 +230,4 @@ def train_dataset(
 ) -> grain.MapDataset:
     """Shuffled (a new order each epoch) training samples; batch with `common.loader.iterate`."""
     ds = grain.MapDataset.source(list(enumerate(cases))).seed(seed).shuffle().repeat(epochs)
-    return ds.random_map(TrainTransform(spec, cfg))
+    return ds.random_map(TrainTransform(spec, cfg, cases))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from common import atomic, viz
+from common import atomic, nonfinite, viz
 from common.loader import iterate
 from common.logging import progress, read_jsonl
 from common.training import train_loop
@@ -79,6 +79,8 @@ def train_step(cfg, tx, spe: int, weights: jax.Array, state: TrainState, batch: 
         dtms_next_epoch=next_epoch,
     )
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    ok = nonfinite.all_finite((loss, grads, gaps))
+    params, opt_state = nonfinite.keep_if(ok, (params, opt_state), (state.params, state.opt_state))
     new = dtms.find_state(opt_state)
     outputs = {f"loss/{k}": v for k, v in terms.items() if k != "total"}
     outputs.update(
@@ -88,6 +90,7 @@ def train_step(cfg, tx, spe: int, weights: jax.Array, state: TrainState, batch: 
         gap=new.step_gap,
         rho=new.step_rho,
         ramp=ramp,
+        skipped=nonfinite.skipped(ok),
     )
     return TrainState(step + 1, params, opt_state), outputs
 
@@ -189,6 +192,8 @@ def train(cfg, workdir: str | pathlib.Path):
             vector_labels={k: spec.modalities for k in ("beta", "factor", "gap", "rho")},
             postfix_keys=("beta",),
             desc="train",
+            max_skipped_in_row=cfg.train.max_skipped_in_row,
+            max_replaced=cfg.data.max_replaced,
         )
     finally:
         ckpt.close()

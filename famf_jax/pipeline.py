@@ -20,6 +20,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from common import loader
 from famf_jax.dataset import Record
 
 
@@ -45,8 +46,11 @@ def _centre(im: Image.Image, side: int) -> Image.Image:
 
 
 def _load(path: str, cfg: ImageConfig) -> Image.Image:
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except loader.UNREADABLE as e:
+        raise loader.Unusable(f"{path}: {e}") from e
     return _centre(im, max(1, round(cfg.center_crop * min(im.size))))
 
 
@@ -56,13 +60,28 @@ def _finish(im: Image.Image, size: int) -> np.ndarray:
 
 
 class LoadPair(grain.transforms.Map):
-    """Record -> dict of the two centre-cropped PIL images, label and index."""
+    """Record -> dict of the two centre-cropped PIL images, label and index.
 
-    def __init__(self, cfg: ImageConfig):
-        self.cfg = cfg
+    With `records` (the dataset's list, which `index` points into), a pair whose image cannot
+    be read is replaced by the next readable one (`common.loader.first_usable`) and `replaced`
+    counts how many were; without (evaluation: every case counts), the error is raised."""
+
+    def __init__(self, cfg: ImageConfig, records: Sequence[Record] = ()):
+        self.cfg, self.records = cfg, tuple(records)
 
     def map(self, item: tuple[int, Record]) -> dict:
         index, rec = item
+        if not self.records:
+            return self.load(index, rec)
+        out, replaced = loader.first_usable(
+            lambda i: self.load(i, self.records[i]),
+            index,
+            len(self.records),
+            lambda i: f"training pair {self.records[i].patient_id}",
+        )
+        return dict(out, replaced=np.int32(replaced))
+
+    def load(self, index: int, rec: Record) -> dict:
         return {
             "bmode": _load(rec.bmode, self.cfg),
             "swe": _load(rec.swe, self.cfg),
@@ -122,7 +141,7 @@ def train_dataset(
     """Shuffled (a new order each epoch) and augmented pairs; batch with `common.loader.iterate`
     and drop the remainder, so every step has the same shapes."""
     ds = _source(records).seed(seed).shuffle().repeat(epochs)
-    return ds.map(LoadPair(cfg)).random_map(TrainAugment(cfg))
+    return ds.map(LoadPair(cfg, records)).random_map(TrainAugment(cfg))
 
 
 def eval_dataset(records: Sequence[Record], cfg: ImageConfig) -> grain.MapDataset:

@@ -27,9 +27,11 @@ if not flags.FLAGS.is_parsed():
 SHARED = REPO.parent / "shared"
 
 
-def sigkill_once(cmd, ready, env=None, timeout: float = 900) -> int:
-    """Starts `cmd` (run.py) in its own process group and SIGKILLs the group as soon as
-    `ready()` is true; fails if the run ends first. Returns the process's return code."""
+def signal_once(cmd, ready, sig=signal.SIGKILL, env=None, timeout: float = 900) -> int:
+    """Starts `cmd` (run.py) in its own session and sends `sig` to its whole process group as
+    soon as `ready()` is true (fails if the run ends first); waits for the run to end, then
+    checks that no process of the session (Grain workers included) outlives it. Returns the
+    run's return code."""
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -41,14 +43,36 @@ def sigkill_once(cmd, ready, env=None, timeout: float = 900) -> int:
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=300)
+        for _ in range(50):  # workers notice a dead parent within a second
+            if not session_processes(proc.pid):
+                break
             time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert not session_processes(proc.pid), "processes of the run outlived it"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode
+
+
+def sigkill_once(cmd, ready, env=None, timeout: float = 900) -> int:
+    return signal_once(cmd, ready, signal.SIGKILL, env, timeout)
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live processes (not zombies) of session `sid`, from /proc."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+            out.append(int(stat.parent.name))
+    return out
 
 
 def latest_step(ckpts: pathlib.Path) -> int:

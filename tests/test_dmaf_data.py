@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import pathlib
 
 import numpy as np
 import pytest
@@ -287,3 +288,29 @@ def test_foreground_crops_hold_a_labelled_voxel(tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros_like(seg))
     rng = np.random.default_rng(0)
     assert foreground_origin(str(tmp_path / "empty.npy"), seg.shape, (16,) * 3, rng) is None
+
+
+def test_unusable_cases_are_replaced_by_the_next_named_and_counted(cases, tmp_path, caplog):
+    # A truncated volume and one full of NaN: a sample that draws them holds the next usable
+    # case instead and counts the replacement; a warning names the case and the file.
+    bad = list(cases)
+    truncated = tmp_path / "c1_vol.npy"
+    truncated.write_bytes(pathlib.Path(cases[1].vol).read_bytes()[:500])
+    nan_vol = np.load(cases[3].vol)
+    nan_vol[:] = np.nan
+    np.save(tmp_path / "c3_vol.npy", nan_vol)
+    bad[1] = dataclasses.replace(cases[1], vol=str(truncated))
+    bad[3] = dataclasses.replace(cases[3], vol=str(tmp_path / "c3_vol.npy"))
+    t = data.TrainTransform(BRATS, CFG, bad)
+    for i in range(5):
+        out = t.random_map((i, bad[i]), np.random.default_rng(i))
+        replaced = i in (1, 3)
+        assert int(out["replaced"]) == replaced and int(out["index"]) == i + replaced
+        assert np.isfinite(out["image"]).all()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "training case c1" in warned and str(truncated) in warned
+    assert "training case c3" in warned and "NaN" in warned
+    everything_bad = [dataclasses.replace(c, vol=str(truncated)) for c in cases]
+    with pytest.raises(ValueError, match="5 data elements in a row are unusable: training case"):
+        t = data.TrainTransform(BRATS, CFG, everything_bad)
+        t.random_map((0, cases[0]), np.random.default_rng(0))

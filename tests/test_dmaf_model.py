@@ -853,3 +853,29 @@ def test_step_reads_betas_from_state_and_ramps_distillation(step3, cfg3, created
     monitor = dtms.find_state(jax.device_get(state.opt_state))
     np.testing.assert_array_equal(monitor.rho_count, np.zeros(4))
     assert monitor.seen.all()
+
+
+def test_nonfinite_batch_leaves_the_state_alone_and_the_run_continues(step3, created):
+    # A NaN voxel: the update is left out inside the step (parameters, AMSGrad and DTMS states
+    # as they were, only the step counts on), and the next step continues exactly as a run in
+    # which that batch's update was never applied.
+    masks = [[1, 1, 1, 1], [1, 0, 1, 1]]
+    b0, b2 = step_batch(masks, seed=1), step_batch(masks, seed=2)
+    x = np.array(step_batch(masks, seed=3)["image"])
+    x[1, 5, 6, 7, 2] = np.nan
+    nan_batch = jax.device_put(dict(step_batch(masks, seed=3), image=x))
+
+    state, out0 = step3(fresh_state(created), b0)
+    after0 = jax.device_get(state)
+    state, out = step3(state, nan_batch)
+    assert int(out["skipped"]) == 1 and int(out0["skipped"]) == 0
+    kept = jax.device_get(state)
+    assert int(kept.step) == int(after0.step) + 1
+    for a, b in zip(jax.tree.leaves((after0.params, after0.opt_state)), jax.tree.leaves(kept)[1:]):
+        np.testing.assert_array_equal(a, b)
+    state, _ = step3(state, b2)
+
+    ref, _ = step3(fresh_state(created), b0)
+    ref, _ = step3(ref.replace(step=ref.step + 1), b2)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(ref))):
+        np.testing.assert_array_equal(a, b)

@@ -4,6 +4,8 @@ with SIGKILL that resumes to the same parameters, bit for bit, as an uninterrupt
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from common.logging import read_jsonl
-from conftest import REPO, latest_step, sigkill_once
+from conftest import REPO, latest_step, signal_once
 
 CONFIGS = {
     "brats2020": "configs/dmaf_brats2020.py:smoke",
@@ -93,33 +95,61 @@ def test_run_py_trains_logs_and_plots(tmp_path, dataset):
         assert not any("valid/dice" in r for r in rows)
 
 
+def rows_after(workdir, step: int):
+    """ready(): metrics.jsonl holds a training row beyond `step` (the running process's)."""
+
+    def ready() -> bool:
+        try:
+            rows = read_jsonl(workdir / "metrics.jsonl")
+            return any("loss" in r and r["step"] > step for r in rows)
+        except (OSError, ValueError):
+            return False
+
+    return ready
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+def test_sigkill_and_sigterm_at_random_steps_resume_bit_identical(tmp_path):
+    """SIGKILL at a random step, a restart, SIGTERM (to the whole process group, Grain worker
+    included) at a random later step, a restart to the end: the parameters equal an
+    uninterrupted run's bit for bit, every step is logged once, and no process outlives a
+    kill (signal_once checks the session)."""
     config = CONFIGS["brats2020"]
     data = tmp_path / "data"
-    # Both runs read the same preprocessed data (prepared by the first), with the smoke
+    # Both lineages read the same preprocessed data (prepared by the first), with the smoke
     # schedule of the other test (2 epochs of 2 steps), so all share one compiled step.
-    overrides = [f"--config.data.root={data / 'pre'}"]
+    overrides = [f"--config.data.root={data / 'pre'}", "--config.train.log_every=1"]
     raw = [f"--config.data.raw_dir={data / 'raw'}"]
     from dmaf_jax import synthetic
 
     synthetic.write_brats(data / "raw", 6, (40, 44, 36), seed=1037)
     run(config, tmp_path / "straight", *overrides, *raw)
 
+    rng = random.Random()
     killed = tmp_path / "killed"
     ckpts = killed / "checkpoints"
+    # One Grain worker process in this lineage: its batches equal the in-process ones.
+    cmd = command(config, killed, *overrides, "--config.data.workers=1")
+    k1 = rng.randrange(0, 2)  # killed after step k1 + 1 is logged, during step 2 or later
+    signal_once(cmd, rows_after(killed, k1), signal.SIGKILL, env=ENV)
+    resumed = latest_step(ckpts) if any(ckpts.glob("[0-9]*")) else 0
+    assert resumed < 4, f"SIGKILL after step {k1 + 1} came too late to test a resume"
 
-    def checkpointed() -> bool:
-        return any(int(p.name) >= 2 for p in ckpts.glob("*") if p.name.isdigit())
+    k2 = rng.randrange(resumed, 3)
+    code = signal_once(cmd, rows_after(killed, k2), signal.SIGTERM, env=ENV)
+    assert code == 128 + signal.SIGTERM, f"SIGTERM after step {k2 + 1}: exit {code}"
+    from dmaf_jax import experiment
 
-    sigkill_once(command(config, killed, *overrides), checkpointed, env=ENV)
-    assert latest_step(ckpts) < 4, "killed too late to test a resume"
+    ckpt = experiment.checkpointer(killed, read_only=True)
+    stopped = ckpt.latest_step()
+    assert stopped > k2 and ckpt.meta(stopped)["interrupted"] == "SIGTERM"
+    ckpt.close()
 
     run(config, killed, *overrides)
     s1, a = final_params(tmp_path / "straight")
     s2, b = final_params(killed)
-    assert s1 == s2 == 4
+    assert s1 == s2 == 4, (k1, k2)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{k1=} {k2=}")
     steps = [r["step"] for r in read_jsonl(killed / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 5)), "steps re-run after the kill are logged once"
+    assert steps == list(range(1, 5)), "steps re-run after a kill are logged once"

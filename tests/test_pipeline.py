@@ -63,3 +63,20 @@ def test_paired_crop_and_eval(records):
     assert [len(x["label"]) for x in ev] == [4, 4, 2]
     again = take(pipeline.eval_dataset(records, CFG), 0, 1, 4)[0]
     np.testing.assert_array_equal(ev[0]["swe"], again["swe"])
+
+
+def test_unreadable_training_pair_is_replaced_by_the_next_named_and_counted(
+    records, tmp_path, caplog
+):
+    broken = tmp_path / "gray.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    bad = list(records)
+    bad[2] = Record(records[2].patient_id, str(broken), records[2].swe, records[2].label)
+    load = pipeline.LoadPair(CFG, bad)
+    out = load.map((2, bad[2]))
+    assert int(out["replaced"]) == 1 and int(out["index"]) == 3
+    assert int(load.map((4, bad[4]))["replaced"]) == 0
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "training pair P0002" in warned and str(broken) in warned
+    with pytest.raises(ValueError, match=str(broken)):  # evaluation: every case counts
+        pipeline.LoadPair(CFG).map((2, bad[2]))

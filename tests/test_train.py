@@ -134,9 +134,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
 
 
-def test_train_step_has_no_host_transfer():
+@pytest.fixture(scope="module")
+def warm_step():
+    """The smoke config's jitted warm step and a batch, compiled once for the module."""
     cfg = smoke()
-    state, tx = experiment.create_state(cfg, 5)
+    _, tx = experiment.create_state(cfg, 5)
     step = train.jit_train_step(cfg, tx)
     shape = (cfg.train.batch_size, cfg.data.image_size, cfg.data.image_size, 3)
     key = jax.random.key(0)
@@ -146,11 +148,37 @@ def test_train_step_has_no_host_transfer():
         "label": jnp.array([0, 1, 0, 0], jnp.int32),
     }
     flags = jax.device_put((jnp.array(True), jnp.array(False)))
+    return cfg, step, batch, flags
+
+
+def test_train_step_has_no_host_transfer(warm_step):
+    cfg, step, batch, flags = warm_step
+    state, _ = experiment.create_state(cfg, 5)
     state, _ = step(state, batch, *flags, warm=True)  # compile outside the guard
     with jax.transfer_guard("disallow"):
         state, out = step(state, batch, *flags, warm=True)
         jax.block_until_ready(out)
     assert np.isfinite(float(out["loss"]))
+
+
+def test_nonfinite_batch_is_left_out_of_every_state(warm_step):
+    # Parameters, both batch-norm statistics and the optimiser with RDO stay as they were;
+    # only the step counts on.
+    cfg, step, batch, flags = warm_step
+    state, _ = experiment.create_state(cfg, 5)
+    state, out = step(state, batch, *flags, warm=True)
+    before = jax.device_get(state)
+    bad = dict(batch, swe=batch["swe"].at[2, 7, 9, 1].set(jnp.nan))
+    state, out = step(state, bad, *flags, warm=True)
+    assert int(out["skipped"]) == 1 and not np.asarray(out["counts"]).any()
+    after = jax.device_get(state)
+    assert int(after.step) == int(before.step) + 1
+    for a, b in zip(jax.tree.leaves(before)[1:], jax.tree.leaves(after)[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, out = step(state, batch, *flags, warm=True)
+    assert int(out["skipped"]) == 0
+    moved = jax.tree.leaves(jax.device_get(state.params))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params), moved))
 
 
 @pytest.mark.parametrize("faithful", [False, True])

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from common import training
+from common import nonfinite, training
 from common.checkpoint import Checkpointer
 from common.loader import iterate
 from common.logging import read_jsonl
@@ -70,8 +70,29 @@ def _step(state: State, x):
     return State(state.step + 1, w, opt_state), out
 
 
-def run(workdir: pathlib.Path, *, crash_at=None, kill_at=None, seen=None, **kw):
-    """train_loop on the fake model; `crash_at` raises and `kill_at` SIGKILLs at that step."""
+@jax.jit
+def _guarded_step(state: State, x):
+    """_step with a non-finite step left out, as the models' steps do."""
+    new, out = _step(state, x)
+    ok = nonfinite.all_finite((out["loss"], out["grad"]))
+    new = nonfinite.keep_if(ok, new, state.replace(step=state.step + 1))
+    return new, dict(out, skipped=nonfinite.skipped(ok))
+
+
+def run(
+    workdir: pathlib.Path,
+    *,
+    crash_at=None,
+    kill_at=None,
+    seen=None,
+    nan_at=(),
+    left_out=(),
+    data_fn=None,
+    **kw,
+):
+    """train_loop on the fake model; `crash_at` raises and `kill_at` SIGKILLs at that step;
+    `nan_at` steps get a NaN batch (through the guarded step), `left_out` steps have their
+    update dropped by hand (the reference for a skipped step)."""
 
     def step_fn(state, x, step):
         if seen is not None:
@@ -80,6 +101,9 @@ def run(workdir: pathlib.Path, *, crash_at=None, kill_at=None, seen=None, **kw):
             raise RuntimeError("crash")
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if nan_at or left_out:
+            new, out = _guarded_step(state, x * np.float32(np.nan) if step in nan_at else x)
+            return (state.replace(step=state.step + 1) if step in left_out else new), out
         return _step(state, x)
 
     ckpt = Checkpointer(workdir / "ckpt", best_metrics=kw.pop("best", ("score",)), keep_latest=10)
@@ -89,7 +113,7 @@ def run(workdir: pathlib.Path, *, crash_at=None, kill_at=None, seen=None, **kw):
         return training.train_loop(
             init_state(),
             step_fn,
-            data(),
+            data_fn() if data_fn else data(),
             workdir=workdir,
             checkpointer=ckpt,
             steps_per_epoch=SPE,
@@ -190,6 +214,8 @@ def test_eval_cadence_and_best_checkpoint(tmp_path, scores, best_epoch):
         "epoch": 4,
         "step": 16,
         "metrics": {"score": scores[4], "aux": None},
+        "skipped_steps": 0,
+        "replaced_elements": 0,
     }
     assert result.best == {
         "score": {"step": 4 * best_epoch, "metrics": metas[4 * best_epoch]["metrics"]}
@@ -360,3 +386,61 @@ def test_signal_saves_a_checkpoint_and_resume_matches(tmp_path, sig, at, saved):
     assert_states_equal(state_a, state_b)
     step_rows = [x["step"] for x in rows(tmp_path / "b") if "loss" in x]
     assert step_rows == list(range(1, 17))
+
+
+def test_nonfinite_steps_are_left_out_counted_and_logged(tmp_path, caplog):
+    nan_at = (5, 9)
+    state, result = run(tmp_path / "nan", nan_at=nan_at, log_every=3, checkpoint_every=1)
+    ref, ref_result = run(tmp_path / "ref", left_out=nan_at, log_every=3, checkpoint_every=1)
+    assert_states_equal(state, ref)  # as if those two batches' updates were left out
+    assert int(state.step) == 4 * SPE and np.isfinite(np.asarray(state.w)).all()
+    assert result.skipped_steps == 2 and ref_result.skipped_steps == 0
+    step_rows = [r for r in rows(tmp_path / "nan") if "loss" in r]
+    assert [r["step"] for r in step_rows if r["skipped"]] == [s + 1 for s in nan_at]
+    epoch_rows = [r for r in rows(tmp_path / "nan") if "train/loss" in r]
+    assert all(math.isfinite(r["train/loss"]) for r in epoch_rows)  # NaN steps not averaged
+    summary = json.loads((tmp_path / "nan" / "train_summary.json").read_text())
+    assert summary["skipped_steps"] == 2
+    warned = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert any(m.startswith("step 6:") for m in warned) and any("step 10:" in m for m in warned)
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_with_the_last_checkpoint_intact(tmp_path):
+    with pytest.raises(training.Stopped, match="3 steps in a row.*step 4, is intact"):
+        run(tmp_path, nan_at=range(5, 16), max_skipped_in_row=3, checkpoint_every=1)
+    steps, metas = saved_steps(tmp_path)
+    assert max(steps) == 4  # epoch 1's; nothing saved after the NaN steps began
+    ckpt = Checkpointer(tmp_path / "ckpt", read_only=True)
+    try:
+        restored, _ = ckpt.restore(4, init_state())
+    finally:
+        ckpt.close()
+    assert np.isfinite(np.asarray(restored.w)).all()
+
+
+def with_replaced(counts: dict[int, int]):
+    """The fake data as dicts with the loader's `replaced` per element (`counts[step]` on the
+    step's first element)."""
+
+    def tag(i, x):
+        first = i % BATCH == 0
+        return {"x": x, "replaced": np.int32(counts.get(i // BATCH, 0) if first else 0)}
+
+    def make():
+        ds = grain.MapDataset.range(N).seed(0).shuffle().repeat(None).map(scale)
+        return iter(iterate(ds.map_with_index(tag), workers=0, batch_size=BATCH))
+
+    return make
+
+
+def test_replaced_elements_are_counted_over_resume_and_bounded(tmp_path):
+    counts = {2: 1, 6: 2}
+    kw = dict(data_fn=with_replaced(counts), to_device=lambda b: b["x"], checkpoint_every=1)
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "a", crash_at=9, **kw)
+    state, result = run(tmp_path / "a", **kw)  # resumes at step 8: both counts before it
+    assert result.replaced_elements == 3
+    ref, _ = run(tmp_path / "ref", checkpoint_every=1)
+    assert_states_equal(state, ref)  # the field never reaches the step
+    with pytest.raises(training.Stopped, match="3 unusable data elements replaced by step 7"):
+        run(tmp_path / "b", max_replaced=2, **kw)

@@ -1,0 +1,40 @@
+"""A training step whose loss or gradients are not finite is skipped inside jit.
+
+One NaN batch (a corrupt volume, an overflow) would otherwise put NaN into every parameter
+and every optimiser moment, and the run would be lost from there on. Inside the jitted step:
+
+    ok = nonfinite.all_finite((loss, grads))
+    new = nonfinite.keep_if(ok, new, old)      # parameters, optimiser (RDO, DTMS), statistics
+    outputs["skipped"] = nonfinite.skipped(ok)
+
+Only the step counter moves on a skipped step, so the run continues exactly as one in which
+that batch's update was left out. `common.training.train_loop` counts the `skipped` outputs,
+logs each, and stops after too many in a row.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import jax
+import jax.numpy as jnp
+
+T = TypeVar("T")
+
+
+def all_finite(tree) -> jax.Array:
+    """() bool: every floating-point value in `tree` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
+
+
+def keep_if(ok: jax.Array, new: T, old: T) -> T:
+    """`new` where `ok`, else `old`, leaf by leaf (the same tree structure)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def skipped(ok: jax.Array) -> jax.Array:
+    """The step output `train_loop` counts: () int32, 1 for a skipped step."""
+    return jnp.logical_not(ok).astype(jnp.int32)
