@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from common import atomic, optim
+from common import atomic, nonfinite, optim
 from common.loader import iterate
 from common.training import TrainResult, train_loop
 from famf_jax import dataset, pipeline, rdo
@@ -102,8 +102,10 @@ def train_step(cfg, tx, state: TrainState, batch: dict, active, new_epoch, *, wa
         params, opt_state = optim.hold((params, opt_state), (state.params, state.opt_state), held)
     stats = aux["stats"]
     new = TrainState(state.step + 1, params, stats["batch_stats"], stats["cam_stats"], opt_state)
-    out = {"loss": loss, "counts": counts}
-    r = rdo.find_state(opt_state)
+    ok = nonfinite.all_finite((loss, grads))
+    new = nonfinite.keep_if(ok, new, state.replace(step=state.step + 1))
+    out = {"loss": loss, "counts": jnp.where(ok, counts, 0), "skipped": nonfinite.skipped(ok)}
+    r = rdo.find_state(new.opt_state)
     if r is not None:
         out.update(alpha0=r.alpha0, gamma=r.gamma, reward=r.pending_reward, dqn_loss=r.dqn_loss)
     return new, out
@@ -183,6 +185,8 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
         log_exclude=("counts",),
         postfix_keys=("alpha0", "gamma"),
         desc=f"fold {fold} train",
+        max_skipped_in_row=cfg.train.max_skipped_in_row,
+        max_replaced=cfg.data.max_replaced,
     )
     ckpt.close()
     return result
