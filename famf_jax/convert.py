@@ -2,12 +2,15 @@
 
 `from_torch(state_dict)` maps OursNet's state_dict (key -> numpy array) onto Flax variables;
 `from_torch_dqn` does the same for the RDO Q-network. Both refuse a missing key, an unexpected
-key or a wrong shape, naming every offending key. torch itself is only needed to read a `.pth`
-file (`load_pth`, used by `run.py --mode=import_torch`), never by the core.
+key or a wrong shape, naming the offending keys. torch itself is only needed to read a `.pth`
+file (`load_pth`, used by `run.py --mode=import_torch`), never by the core; a `.npz` of the same
+keys needs no torch.
 """
 
 from __future__ import annotations
 
+import pathlib
+import zipfile
 from collections.abc import Mapping
 
 import flax
@@ -68,13 +71,19 @@ def _convert(state_dict: Mapping[str, np.ndarray], template: dict, extra_ok: set
     }
     wanted = {_torch_key(k[1:]): k for k in flat}
     given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
-    problems = [f"missing key {k!r}" for k in sorted(set(wanted) - given)]
-    problems += [f"unexpected key {k!r}" for k in sorted(given - set(wanted) - extra_ok)]
+    missing = sorted(set(wanted) - given)
+    unexpected = sorted(given - set(wanted) - extra_ok)
+    problems = [f"missing key {k!r}" for k in missing]
+    problems += [f"unexpected key {k!r}" for k in unexpected]
     out = {}
     for key, path in wanted.items():
         if key not in state_dict:
             continue
-        arr = np.asarray(state_dict[key], dtype=np.float32)
+        try:
+            arr = np.asarray(state_dict[key], dtype=np.float32)
+        except (TypeError, ValueError):
+            problems.append(f"key {key!r} is not an array ({type(state_dict[key]).__name__})")
+            continue
         leaf = path[-1]
         expect = _expected_torch_shape(flat[path].shape, leaf)
         if arr.shape != expect:
@@ -82,17 +91,33 @@ def _convert(state_dict: Mapping[str, np.ndarray], template: dict, extra_ok: set
             continue
         out[path] = _to_flax(arr, leaf)
     if problems:
-        raise ValueError("cannot import the PyTorch weights:\n  " + "\n  ".join(problems))
+        raise ValueError(_problem_summary(problems, len(missing), len(unexpected), len(wanted)))
     nested = flax.traverse_util.unflatten_dict(out)
     return {col: nested[col] for col in template}
+
+
+def _problem_summary(problems: list[str], missing: int, unexpected: int, wanted: int) -> str:
+    """One line: the first problems by name, then how many more of each kind."""
+    text = "cannot import the PyTorch weights: " + "; ".join(problems[:4])
+    if len(problems) > 4:
+        text += (
+            f"; and {len(problems) - 4} more ({missing} of {wanted} keys missing, "
+            f"{unexpected} unexpected, {len(problems) - missing - unexpected} other)"
+        )
+    if missing == wanted:
+        text += " (none of the expected keys is there: not the original network's state_dict?)"
+    return text
 
 
 def _check_edge_kernels(state_dict: Mapping[str, np.ndarray]) -> None:
     gx, gy = handcrafted.gaussian_derivative_kernels()
     for key, kernel in zip(_FROZEN_EDGE_KEYS, (gx, gy)):
         if key not in state_dict:
-            raise ValueError(f"cannot import the PyTorch weights:\n  missing key {key!r}")
-        w = np.asarray(state_dict[key], dtype=np.float32)
+            raise ValueError(f"cannot import the PyTorch weights: missing key {key!r}")
+        try:
+            w = np.asarray(state_dict[key], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"key {key!r} is not an array") from None
         if w.shape != (3, 3, 5, 5):
             raise ValueError(f"key {key!r} has shape {w.shape}, expected (3, 3, 5, 5)")
         if not np.allclose(w, kernel[None, None], atol=1e-6):
@@ -102,9 +127,10 @@ def _check_edge_kernels(state_dict: Mapping[str, np.ndarray]) -> None:
 def from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
     """OursNet state_dict (numpy values) -> {'params', 'batch_stats', 'cam_stats'} of
     `FAMFNet()`; the original keeps one set of running statistics, so both sets are it."""
-    template = jax.eval_shape(lambda k: init_variables(FAMFNet(), k, 64), jax.random.key(0))
+    # The key inside the trace: nothing compiles before the keys are checked.
+    template = jax.eval_shape(lambda: init_variables(FAMFNet(), jax.random.key(0), 64))
+    out = _convert(state_dict, template, set(_FROZEN_EDGE_KEYS))  # names all wrong keys
     _check_edge_kernels(state_dict)
-    out = _convert(state_dict, template, set(_FROZEN_EDGE_KEYS))
     out["cam_stats"] = jax.tree.map(np.copy, out["batch_stats"])
     return out
 
@@ -114,18 +140,79 @@ def from_torch_dqn(state_dict: Mapping[str, np.ndarray], state_dim: int | None =
     from famf_jax.rdo import QNetwork, init_qnetwork
 
     if state_dim is None:
+        if "fc.0.weight" not in state_dict:
+            raise ValueError("cannot import the DQN weights: missing key 'fc.0.weight'")
         state_dim = int(np.asarray(state_dict["fc.0.weight"]).shape[1])
-    template = jax.eval_shape(lambda k: init_qnetwork(QNetwork(), k, state_dim), jax.random.key(0))
+    template = jax.eval_shape(lambda: init_qnetwork(QNetwork(), jax.random.key(0), state_dim))
     return _convert(state_dict, {"params": template}, set())
 
 
-def load_pth(path: str) -> dict[str, np.ndarray]:
-    """Read a PyTorch checkpoint into numpy arrays (needs torch; optional dependency)."""
+def load_pth(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """A state_dict as numpy arrays from a PyTorch checkpoint (`.pth`, needs torch) or from a
+    `.npz` of the same keys (no torch needed: `numpy.savez(f, **{k: v.numpy() ...})`).
+
+    The file is checked before torch is imported; errors name the file and what is wrong."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise IsADirectoryError(f"{path} is a folder, expected a .pth or .npz file")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path} is empty")
+    if path.suffix == ".npz" or (head[:2] == b"PK" and _is_npz(path)):
+        return _load_npz(path)
+    if head[:2] == b"PK":  # torch's zip format: check the archive before torch reads it
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ValueError(f"{path} is a damaged zip archive ({e})") from None
+        if bad is not None:
+            raise ValueError(f"{path} is damaged: the archive member {bad} fails its checksum")
+        if not any(n.endswith("data.pkl") for n in names):
+            raise ValueError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+    elif head[:1] != b"\x80":  # neither zip nor pickle (torch's legacy format)
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint (neither torch's zip format nor a pickle)"
+        )
     try:
         import torch
-    except ImportError as e:
-        raise SystemExit("reading a .pth file needs torch: pip install torch") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ValueError(
+            f"reading {path} needs torch (pip install torch), or save the state_dict as .npz"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for damaged or foreign files
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} cannot be read by torch ({type(e).__name__}: {first})") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
-    return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state_dict")
+    out = {}
+    for k, v in obj.items():
+        if not hasattr(v, "detach"):
+            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+        out[str(k)] = v.detach().cpu().numpy()
+    return out
+
+
+def _is_npz(path: pathlib.Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return all(n.endswith(".npy") for n in z.namelist()) and bool(z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except Exception as e:  # numpy raises ValueError, OSError, BadZipFile, ... for bad files
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {first})") from e

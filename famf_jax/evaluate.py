@@ -19,18 +19,21 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from common import atomic, calibration, viz
+from common import atomic, calibration
 from common import metrics as metrics_lib
 from common.loader import iterate
 from common.logging import read_jsonl
 from famf_jax import dataset, inference, pipeline
 from famf_jax.experiment import (
+    check_workdir,
+    choose_checkpoint,
     fold_dir,
     image_config,
     predict_records,
     resolve_data,
     restore_for_eval,
     split_metrics,
+    trained_folds,
     uses_fusion,
     validate_config,
 )
@@ -59,6 +62,24 @@ def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
 
 def calibration_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:
     return fold_dir(workdir, fold) / "calibration.json"
+
+
+def read_calibration(workdir: pathlib.Path, fold: int) -> dict | None:
+    """A fold's calibration.json (None if evaluation has not written one); a damaged file is
+    an error naming it."""
+    path = calibration_path(workdir, fold)
+    if not path.exists():
+        return None
+    try:
+        calib = json.loads(path.read_text())
+        t, threshold = float(calib["temperature"]), float(calib["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path} is damaged ({type(e).__name__}: {e}): run --mode=evaluate again"
+        ) from None
+    if not (t > 0 and math.isfinite(t) and math.isfinite(threshold)):
+        raise ValueError(f"{path}: temperature {t} or threshold {threshold} is not usable")
+    return calib
 
 
 def write_calibration(workdir: pathlib.Path, fold: int, calib: dict) -> None:
@@ -107,6 +128,8 @@ def _overlay_rows(cfg, variables, records, n: int, warm: bool) -> list[dict]:
 
 
 def _rdo_plot(workdir: pathlib.Path, fold: int, path: pathlib.Path) -> pathlib.Path | None:
+    from common import viz  # matplotlib: start-up time a failing run does not need
+
     rows = [r for r in read_jsonl(fold_dir(workdir, fold) / "metrics.jsonl") if "alpha0" in r]
     if not rows:
         return None
@@ -120,8 +143,13 @@ def _rdo_plot(workdir: pathlib.Path, fold: int, path: pathlib.Path) -> pathlib.P
 
 def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     validate_config(cfg)
-    workdir = pathlib.Path(workdir)
-    data = resolve_data(cfg, workdir)
+    # Checkpoints before data: a workdir without one gets no data or split plan written.
+    workdir = check_workdir(workdir, must_exist=True)
+    choose_checkpoint(cfg, workdir, 0)
+    data = resolve_data(cfg, workdir, save=False)
+    for k in range(1, len(data.folds)):
+        choose_checkpoint(cfg, workdir, k, n_folds=len(data.folds))
+    dataset.save_plan(data)
     fused = uses_fusion(cfg)
     folds, curves = [], []
     first_vars = None
@@ -194,6 +222,8 @@ def _json_default(o):
 
 
 def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pathlib.Path:
+    from common import viz  # matplotlib: start-up time a failing run does not need
+
     figs = workdir / "figures"
     figs.mkdir(exist_ok=True)
     viz.roc_plot([c[:3] for c in curves], figs / "roc.png")
@@ -294,45 +324,86 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
     return path
 
 
+def _output_path(cfg, workdir: pathlib.Path) -> pathlib.Path:
+    """`predict.output` (default <workdir>/predictions.csv), checked before any work."""
+    out = pathlib.Path(cfg.predict.output or workdir / "predictions.csv")
+    if out.is_dir():
+        raise IsADirectoryError(f"predict.output {out} is a folder, expected a CSV file name")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"predict.output {out}: {parent} is a file, not a folder")
+    return out
+
+
+def read_predict_input(src: str | None) -> tuple[list[dataset.Record], list[str]]:
+    """The patients of `predict.input` (a layout root or a CSV manifest, labels optional)
+    whose images decode, and the warnings; none usable is an error naming the left-out ones."""
+    if not src:
+        raise dataset.DataError("--mode=predict needs --config.predict.input (folder or CSV)")
+    path = pathlib.Path(src)
+    if not path.exists():
+        raise FileNotFoundError(f"predict.input {src} does not exist (expected a folder or CSV)")
+    problems: list[str] = []
+    excluded: dict[str, str] = {}
+    if path.is_file():
+        records, _ = dataset.read_manifest(
+            path, problems, require_label=False, excluded=excluded, field="predict.input"
+        )
+    else:
+        records = dataset.scan_layout(
+            path, problems, require_label=False, excluded=excluded, field="predict.input"
+        )
+    recs = dataset.check_images(list(records.values()), problems, excluded)
+    for p in problems:
+        logging.warning("predict: %s", p)
+    if not recs:
+        lost = list(excluded.items())
+        raise dataset.DataError(
+            f"predict.input {src}: no usable patient; {len(lost)} left out: "
+            + dataset.left_out_text(lost)
+        )
+    return recs, problems
+
+
 def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
     """Per-patient P(malignant) for `predict.input` (a layout root or a manifest), per fold
     and averaged, as CSV."""
     validate_config(cfg)
-    workdir = pathlib.Path(workdir)
-    src = cfg.predict.input
-    if not src:
+    if not cfg.predict.input:
         raise dataset.DataError("--mode=predict needs --config.predict.input (folder or CSV)")
-    problems: list[str] = []
-    if src.endswith(".csv"):
-        records, _ = dataset.read_manifest(src, problems, require_label=False)
-    else:
-        records = dataset.scan_layout(src, problems, require_label=False)
-    for p in problems:
-        logging.warning("predict: %s", p)
-    recs = list(records.values())
-    n_folds = len(sorted(workdir.glob("fold_*/checkpoints")))
-    if n_folds == 0:
-        raise FileNotFoundError(f"no trained folds in {workdir}")
+    workdir = check_workdir(workdir, must_exist=True)
+    out = _output_path(cfg, workdir)
+    folds = trained_folds(workdir)
+    if not folds:
+        raise FileNotFoundError(
+            f"no trained folds in {workdir} (no fold_<k>/checkpoints): train first "
+            "(--mode=train) or import weights (--mode=import_torch)"
+        )
+    for k in folds:
+        choose_checkpoint(cfg, workdir, k)
+    calibs = {k: read_calibration(workdir, k) for k in folds}
+    recs, _ = read_predict_input(cfg.predict.input)
     fused = uses_fusion(cfg)
     per_fold, calibrated, thresholds = [], [], []
-    for k in range(n_folds):
+    for k in folds:
         variables, meta = restore_for_eval(cfg, workdir, k)
         p = predict_records(
             cfg, variables, recs, warm=fused and meta.get("warm", True), desc=f"predict fold {k}"
         )
         per_fold.append(p)
-        path = calibration_path(workdir, k)
-        if path.exists():
-            calib = json.loads(path.read_text())
+        calib = calibs[k]
+        if calib is not None:
             calibrated.append(calibration.apply_temperature(p, calib["temperature"]))
             thresholds.append(calib["threshold"])
-    if len(calibrated) < n_folds:
+    if len(calibrated) < len(folds):
         logging.warning(
             "predict: no calibration for some folds (run --mode=evaluate first): the calibrated "
             "probability and the decision are left empty"
         )
         calibrated = []
-    out = pathlib.Path(cfg.predict.output or workdir / "predictions.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
     mean = np.mean(per_fold, axis=0)
     cal = np.mean(calibrated, axis=0) if calibrated else None
     threshold = float(np.mean(thresholds)) if calibrated else None
@@ -344,7 +415,7 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
                 "prob_malignant",
                 "prob_calibrated",
                 "malignant",
-                *[f"fold_{k}" for k in range(n_folds)],
+                *[f"fold_{k}" for k in folds],
                 "label",
             ]
         )

@@ -10,11 +10,13 @@ metrics, which validation during training and the final evaluation share.
 from __future__ import annotations
 
 import pathlib
+import shutil
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -31,6 +33,21 @@ BEST_CRITERIA = ("f1_acc", "f1", "accuracy")
 STREAMS = {"both": ("bmode", "swe"), "bmode": ("bmode",), "swe": ("swe",)}
 
 
+def _range_problem(name: str, value, low, high, *, low_open=False, high_open=False) -> str | None:
+    """The message for `value` outside [low, high] (open ends as given), or None. NaN fails."""
+    try:
+        ok = low is None or (value > low if low_open else value >= low)
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+    except TypeError:
+        ok = False
+    if ok:
+        return None
+    if high is None:
+        return f"{name} must be {'>' if low_open else '>='} {low}, not {value!r}"
+    where = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return f"{name} must be in {where}, not {value!r}"
+
+
 def validate_config(cfg) -> None:
     """Fail at once, with one line, on a value the run would only trip over later."""
     choices = {
@@ -45,7 +62,8 @@ def validate_config(cfg) -> None:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     if cfg.data.image_size <= 0 or cfg.data.image_size % 8:
         raise ValueError(
-            f"data.image_size must be a positive multiple of 8, not {cfg.data.image_size}"
+            f"data.image_size must be a positive multiple of 8 (the CAM grid is 1/8 of it), "
+            f"not {cfg.data.image_size}"
         )
     if not 0 < cfg.eval.target_sensitivity <= 1:
         raise ValueError(
@@ -59,6 +77,49 @@ def validate_config(cfg) -> None:
         section, key = name.split(".")
         if cfg[section][key] < 1:
             raise ValueError(f"{name} must be at least 1, not {cfg[section][key]}")
+    d, t, r, e = cfg.data, cfg.train, cfg.rdo, cfg.eval
+    checks = [
+        ("data.augmentation_prob", d.augmentation_prob, 0, 1, {}),
+        ("data.rotation", d.rotation, 0, 180, {}),
+        ("data.workers", d.workers, 0, None, {}),
+        ("data.synthetic_patients", d.synthetic_patients, 0, None, {}),
+        ("data.synthetic_image_size", d.synthetic_image_size, 8, None, {}),
+        ("train.learning_rate", t.learning_rate, 0, None, {"low_open": True}),
+        ("train.momentum", t.momentum, 0, 1, {"high_open": True}),
+        ("train.weight_decay", t.weight_decay, 0, None, {}),
+        ("train.lr_decay_rate", t.lr_decay_rate, 0, 1, {"low_open": True}),
+        ("train.lr_decay_epochs", t.lr_decay_epochs, 1, None, {}),
+        ("train.warmup_epochs", t.warmup_epochs, 0, None, {}),
+        ("train.eval_every", t.eval_every, 1, None, {}),
+        ("train.log_every", t.log_every, 1, None, {}),
+        ("eval.overlays", e.overlays, 0, None, {}),
+        ("eval.bootstrap", e.bootstrap, 0, None, {}),
+    ]
+    if e.checkpoint is not None:
+        checks.append(("eval.checkpoint", e.checkpoint, 0, None, {}))
+    if r.enabled or cfg.train.loss == "focal":
+        checks += [
+            ("rdo.alpha0", r.alpha0, 0, 1, {}),
+            ("rdo.gamma", r.gamma, 0, None, {}),
+        ]
+    if r.enabled:
+        checks += [
+            ("rdo.learning_rate", r.learning_rate, 0, None, {"low_open": True}),
+            ("rdo.batch_size", r.batch_size, 1, None, {}),
+            ("rdo.epsilon_start", r.epsilon_start, 0, 1, {}),
+            ("rdo.epsilon_end", r.epsilon_end, 0, 1, {}),
+            ("rdo.epsilon_decay_steps", r.epsilon_decay_steps, 0, None, {}),
+            ("rdo.target_every", r.target_every, 1, None, {}),
+        ]
+    for name, value, low, high, kw in checks:
+        problem = _range_problem(name, value, low, high, **kw)
+        if problem:
+            raise ValueError(problem)
+    if r.enabled and r.buffer_size <= r.batch_size:
+        raise ValueError(
+            f"rdo.buffer_size ({r.buffer_size}) must exceed rdo.batch_size ({r.batch_size}): "
+            "the DQN learns once its buffer holds more than a batch"
+        )
 
 
 def modalities(cfg) -> tuple[str, ...]:
@@ -156,16 +217,53 @@ def image_config(cfg) -> pipeline.ImageConfig:
     )
 
 
-def resolve_data(cfg, workdir: pathlib.Path) -> dataset.FamfData:
-    """The configured data, or a synthetic set generated once into the workdir."""
+def check_workdir(workdir: pathlib.Path, must_exist: bool = False) -> pathlib.Path:
+    """The workdir as a path; a file there (or, with `must_exist`, nothing) is an error."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir {workdir} is a file, expected a folder")
+    if must_exist and not workdir.is_dir():
+        raise FileNotFoundError(
+            f"--workdir {workdir} does not exist: train first (--mode=train), or import "
+            "weights (--mode=import_torch)"
+        )
+    return workdir
+
+
+def _first_missing(path: pathlib.Path) -> pathlib.Path | None:
+    """The outermost folder that creating `path` would create (None if it exists)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def resolve_data(
+    cfg, workdir: pathlib.Path, *, training: bool = False, save: bool = True
+) -> dataset.FamfData:
+    """The configured data, or a synthetic set generated once into the workdir.
+
+    Checks everything first: `training` asks for a validation patient and a batch of training
+    patients in every fold, and that checkpoints already in the workdir can be resumed with this
+    config. Without `save` the caller writes a new split plan (`dataset.save_plan`) after its
+    own checks. Synthetic data generated by this call is removed again if a check fails."""
     d = cfg.data
-    manifest = d.manifest
+    workdir = check_workdir(workdir)
+    manifest, generated, source = d.manifest, None, None
     if not (manifest or d.root):
         if d.synthetic_patients <= 0:
-            raise dataset.DataError("no data: set data.manifest or data.root (and data.splits)")
+            raise dataset.DataError(
+                "no data: set data.manifest or data.root (and data.splits), or "
+                "data.synthetic_patients > 0 for generated data"
+            )
         out = pathlib.Path(d.synthetic_dir or workdir / "data")
+        if out.exists() and not out.is_dir():
+            raise dataset.DataError(f"data.synthetic_dir {out} is a file, expected a folder")
         manifest = out / "manifest.csv"
         if not manifest.exists():
+            generated = _first_missing(out)
             logging.info("generating %d synthetic patients in %s", d.synthetic_patients, out)
             synthetic.generate(
                 out,
@@ -175,14 +273,30 @@ def resolve_data(cfg, workdir: pathlib.Path) -> dataset.FamfData:
                 progress=lambda it: progress(it, desc="synthetic data"),
             )
         manifest = str(manifest)
-    return dataset.load(
-        root=d.root,
-        splits=d.splits,
-        manifest=manifest,
-        folds=d.folds,
-        seed=cfg.seed,
-        workdir=workdir,
-    )
+        source = f"synthetic data in {out} (data.synthetic_patients={d.synthetic_patients})"
+    try:
+        data = dataset.load(
+            root=d.root,
+            splits=d.splits,
+            manifest=manifest,
+            folds=d.folds,
+            seed=cfg.seed,
+            workdir=workdir,
+            min_train=cfg.train.batch_size if training else 0,
+            min_valid=1 if training else 0,
+            save=False,
+            source=source,
+        )
+        if training:
+            for k in range(len(data.folds)):
+                check_resumable(cfg, workdir, k)
+    except BaseException:
+        if generated is not None:  # only what this call made
+            shutil.rmtree(generated, ignore_errors=True)
+        raise
+    if save:
+        dataset.save_plan(data)
+    return data
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -198,17 +312,161 @@ def checkpointer(workdir: pathlib.Path, fold: int, read_only: bool = False) -> C
     )
 
 
+def trained_folds(workdir: pathlib.Path) -> list[int]:
+    """Folds of the workdir with a checkpoint folder (`fold_<k>/checkpoints`), in order."""
+    folds = [
+        int(p.parent.name.split("_", 1)[1])
+        for p in pathlib.Path(workdir).glob("fold_*/checkpoints")
+        if p.parent.name.split("_", 1)[1].isdigit() and p.is_dir()
+    ]
+    return sorted(folds)
+
+
+def checkpoint_steps(workdir: pathlib.Path, fold: int) -> list[int]:
+    """Steps saved in a fold, without creating anything (no folder: none)."""
+    if not (fold_dir(workdir, fold) / "checkpoints").is_dir():
+        return []
+    ckpt = checkpointer(workdir, fold, read_only=True)
+    try:
+        return sorted(ckpt.steps())
+    finally:
+        ckpt.close()
+
+
+# Config fields that shape the saved TrainState (parameters, optimiser and RDO state).
+STATE_FIELDS = (
+    "model.modalities",
+    "train.optimizer",
+    "rdo.enabled",
+    "train.batch_size",  # the DQN's input is batch + 2
+    "rdo.buffer_size",
+    "faithful",
+)
+
+
+def _saved_value(saved: dict, name: str):
+    node = saved
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def _differences(cfg, saved: dict, names: tuple[str, ...]) -> list[str]:
+    out = []
+    for name in names:
+        if name in ("train.batch_size", "rdo.buffer_size") and not cfg.rdo.enabled:
+            continue
+        was = _saved_value(saved, name)
+        now = cfg
+        for part in name.split("."):
+            now = now[part]
+        if was is not _MISSING and was != now:
+            out.append(f"{name}={was!r} (the config has {now!r})")
+    return out
+
+
+def _meta(workdir: pathlib.Path, fold: int, step: int) -> dict:
+    ckpt = checkpointer(workdir, fold, read_only=True)
+    try:
+        return ckpt.meta(step)
+    except Exception as e:
+        where = fold_dir(workdir, fold) / "checkpoints" / str(step)
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first})") from e
+    finally:
+        ckpt.close()
+
+
+def check_resumable(cfg, workdir: pathlib.Path, fold: int) -> None:
+    """Training resumes a fold's latest checkpoint: it must have the config's state shape."""
+    for step in reversed(checkpoint_steps(workdir, fold)):
+        try:
+            saved = _meta(workdir, fold, step).get("config") or {}
+        except ValueError:  # damaged: resuming skips it (common.checkpoint.restore_latest)
+            continue
+        diff = _differences(cfg, saved, STATE_FIELDS)
+        if diff:
+            where = fold_dir(workdir, fold) / "checkpoints" / str(step)
+            raise ValueError(
+                f"checkpoint {where}, which training would resume, was made with "
+                f"{', '.join(diff)}: use the same values, or a new --workdir"
+            )
+        return
+
+
+def choose_checkpoint(cfg, workdir: pathlib.Path, fold: int, n_folds: int | None = None):
+    """(step, meta) of the checkpoint evaluate and predict restore for a fold: `eval.checkpoint`
+    or the best by `eval.criterion` (an imported checkpoint, without metrics: the latest).
+    Every reason it cannot be used is an error naming the folder; nothing is created."""
+    where = fold_dir(workdir, fold) / "checkpoints"
+    steps = checkpoint_steps(workdir, fold)
+    if not steps:
+        have = trained_folds(workdir)
+        hint = ""
+        if n_folds and fold > 0:
+            hint = (
+                f" (the data plan has {n_folds} folds, data.folds={cfg.data.folds}; folds with "
+                f"checkpoints: {have or 'none'}): train them (--mode=train), or evaluate fewer "
+                "folds (data.folds)"
+            )
+        raise FileNotFoundError(
+            f"no checkpoint in {where}{hint or ': train first (--mode=train) or import weights'}"
+        )
+    step = cfg.eval.checkpoint
+    if step is not None and step not in steps:
+        raise ValueError(f"eval.checkpoint={step}: {where} holds the steps {steps}")
+    if step is None:
+        ckpt = checkpointer(workdir, fold, read_only=True)
+        try:
+            step = ckpt.best_step(cfg.eval.criterion)
+        finally:
+            ckpt.close()
+        step = steps[-1] if step is None else step
+    meta = _meta(workdir, fold, step)
+    diff = _differences(cfg, meta.get("config") or {}, ("model.modalities",))
+    if diff:
+        raise ValueError(
+            f"checkpoint {where / str(step)} was made with {', '.join(diff)}: set the same"
+        )
+    return step, meta
+
+
+def _checkpoint_config(cfg, saved: dict):
+    """The config the checkpoint's TrainState was made with (its own train, rdo and faithful
+    values over `cfg`), so a checkpoint restores whatever training settings evaluation uses."""
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    for section in ("train", "rdo"):
+        for key, value in (saved.get(section) or {}).items():
+            if key in c[section] and value is not None:
+                try:
+                    c[section][key] = value
+                except TypeError:  # a field whose type changed since: the config's value
+                    pass
+    if isinstance(saved.get("faithful"), bool):
+        c.faithful = saved["faithful"]
+    return c
+
+
 def restore_for_eval(cfg, workdir: pathlib.Path, fold: int):
     """(variables, meta) of the requested checkpoint of a fold (eval.checkpoint or the best)."""
+    step, meta = choose_checkpoint(cfg, workdir, fold)
+    template, _ = create_state(_checkpoint_config(cfg, meta.get("config") or {}), 1)
     ckpt = checkpointer(workdir, fold, read_only=True)
-    step = cfg.eval.checkpoint
-    if step is None:  # the best by the criterion; an imported checkpoint has no metrics
-        step = ckpt.best_step(cfg.eval.criterion) or ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {fold_dir(workdir, fold)}: train first")
-    template, _ = create_state(cfg, 1)
-    state, meta = ckpt.restore(step, template)
-    ckpt.close()
+    try:
+        state, meta = ckpt.restore(step, template)
+    except Exception as e:
+        where = fold_dir(workdir, fold) / "checkpoints" / str(step)
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"checkpoint {where} cannot be restored ({type(e).__name__}: {first})"
+        ) from e
+    finally:
+        ckpt.close()
     return state.variables, meta
 
 

@@ -196,9 +196,9 @@ def train(cfg, workdir: str | pathlib.Path) -> list[TrainResult]:
     """Trains every fold; result k is fold k's."""
     validate_config(cfg)
     workdir = pathlib.Path(workdir)
+    data = resolve_data(cfg, workdir, training=True)  # every check before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=1))
-    data = resolve_data(cfg, workdir)
     folds = len(data.folds)
     logging.info(
         "data: %d patients, %d fold(s), test %d",
