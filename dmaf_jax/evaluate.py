@@ -29,7 +29,7 @@ import time
 import numpy as np
 from absl import logging
 
-from common import atomic, viz
+from common import atomic
 from common import metrics as metrics_lib
 from common.logging import progress
 from dmaf_jax import dataset, experiment, splits
@@ -120,12 +120,12 @@ def validate_config(cfg) -> None:
     hd95_convention(cfg)
     if e.hd95_variant not in metrics_lib.HD95_VARIANTS:
         raise ValueError(f"eval.hd95_variant must be medpy or monai, not {e.hd95_variant!r}")
-    if e.windows_per_call < 1:
-        raise ValueError(f"eval.windows_per_call must be at least 1, not {e.windows_per_call}")
-    if not 0 <= e.overlap < 1:
-        raise ValueError(f"eval.overlap must be in [0, 1), not {e.overlap}")
     if e.split not in SPLITS:
         raise ValueError(f"eval.split must be one of {', '.join(SPLITS)}, not {e.split!r}")
+    if e.checkpoint is not None and e.checkpoint < 0:
+        raise ValueError(f"eval.checkpoint must be a saved step (>= 0), not {e.checkpoint}")
+    if e.overlays < 0:
+        raise ValueError(f"eval.overlays must be at least 0, not {e.overlays}")
     combinations(experiment.spec_of(cfg), e.combinations)
 
 
@@ -200,11 +200,10 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
     spec = experiment.spec_of(cfg)
     names, masks = combinations(spec, cfg.eval.combinations)
     empty = hd95_convention(cfg)
+    experiment.checkpoint_meta(cfg, workdir)  # no checkpoint: stop before any data work
+    prep = dataset.prepare(cfg, workdir, need={cfg.eval.split: 1})  # names left-out cases
     params, ckpt_meta = experiment.restore_params(cfg, workdir)
-    prep = dataset.prepare(cfg, workdir)
     cases = prep.cases(cfg.eval.split)
-    if not cases:
-        raise ValueError(f"the {cfg.eval.split} split is empty: nothing to evaluate")
     rank = experiment.spatial_rank(cfg)
     regions = REGIONS[spec.name]
     keys = region_keys(spec)
@@ -414,6 +413,8 @@ def _write_outputs(cfg, spec, workdir, result, rows, vol_rows, names, masks, fig
 
 
 def write_report(cfg, spec, workdir, result, names, masks, figures) -> pathlib.Path:
+    from common import viz  # matplotlib: 0.6 s of start-up a failing run does not need
+
     figs = workdir / "figures"
     figs.mkdir(exist_ok=True)
     rank = experiment.spatial_rank(cfg)

@@ -53,26 +53,76 @@ def model_crop(cfg) -> tuple[int, ...]:
 
 
 def validate_config(cfg) -> None:
-    """One-line errors for model and training values (the data block: dataset.validate_config)."""
-    crop = model_crop(cfg)
-    if 1 in crop:
-        raise ValueError(f"data.crop {tuple(cfg.data.crop)}: only the depth axis may be 1 (2-D)")
-    check_crop(crop, len(cfg.model.channels))
-    if cfg.model.channels[-1] % losses.MAA_HEADS:
+    """One-line errors naming the field, for the whole config a run uses: the dataset and data
+    block (`dataset.validate_config`), the model, training, DTMS and inference windows. Runs
+    before anything is written or compiled."""
+    from dmaf_jax import dataset  # the data block's own checks
+
+    dataset.validate_config(cfg)
+    check = dataset.check_field
+    m, t, x, e = cfg.model, cfg.train, cfg.dtms, cfg.eval
+    levels = len(m.channels)
+    check(
+        levels >= 2 and dataset.positive_ints(m.channels),
+        "model.channels",
+        "at least two positive widths (one per level)",
+        m.channels,
+    )
+    crop = tuple(cfg.data.crop)
+    if 1 in crop[:2]:
+        raise ValueError(f"data.crop {crop}: only the depth axis may be 1 (2-D slices)")
+    if cfg.dataset == "brats2020" and crop[2] == 1:
         raise ValueError(
-            f"model.channels[-1] ({cfg.model.channels[-1]}) must be a multiple of "
+            f"data.crop {crop}: a depth of 1 means 2-D slices (MyoPS); BraTS volumes need a "
+            "3-D crop"
+        )
+    if cfg.dataset == "myops2020" and crop[2] != 1:
+        raise ValueError(
+            f"data.crop {crop}: MyoPS cases are 2-D slices, the crop's depth must be 1"
+        )
+    try:
+        check_crop(model_crop(cfg), levels)
+    except ValueError:
+        f = 2 ** (levels - 1)
+        raise ValueError(
+            f"data.crop {crop}: every axis but a depth of 1 must be a multiple of {f} "
+            f"(2^(levels - 1) for the {levels} levels of model.channels) and at least {2 * f}"
+        ) from None
+    if m.channels[-1] % losses.MAA_HEADS:
+        raise ValueError(
+            f"model.channels[-1] ({m.channels[-1]}) must be a multiple of "
             f"{losses.MAA_HEADS} (the attention alignment's channel groups)"
         )
-    if cfg.model.token_dim % cfg.model.heads:
+    check(m.fusion in ("dmaf", "mean"), "model.fusion", "dmaf or mean", m.fusion)
+    for name in ("token_dim", "heads", "depth", "mlp"):
+        check(m[name] >= 1, f"model.{name}", "at least 1", m[name])
+    if m.token_dim % m.heads:
         raise ValueError(
-            f"model.token_dim ({cfg.model.token_dim}) must be a multiple of model.heads "
-            f"({cfg.model.heads})"
+            f"model.token_dim ({m.token_dim}) must be a multiple of model.heads ({m.heads})"
         )
-    if cfg.train.select not in ("best", "last"):
-        raise ValueError(f"train.select must be best or last, not {cfg.train.select!r}")
-    for name in ("epochs", "eval_every", "log_every"):
-        if cfg.train[name] < 1:
-            raise ValueError(f"train.{name} must be at least 1, not {cfg.train[name]}")
+    check(0 <= m.dropout < 1, "model.dropout", "a probability in [0, 1)", m.dropout)
+    check(t.select in ("best", "last"), "train.select", "best or last", t.select)
+    for name in ("epochs", "eval_every", "log_every", "checkpoint_every"):
+        check(t[name] >= 1, f"train.{name}", "at least 1", t[name])
+    check(t.learning_rate > 0, "train.learning_rate", "positive", t.learning_rate)
+    for name in ("weight_decay", "lambda_cov", "lambda_att", "lambda_proto"):
+        check(t[name] >= 0, f"train.{name}", "at least 0", t[name])
+    check(
+        t.distill_ramp_epochs >= 0, "train.distill_ramp_epochs", "at least 0", t.distill_ramp_epochs
+    )
+    check(0 <= x.mu < 1, "dtms.mu", "in [0, 1)", x.mu)
+    check(0 <= x.k_min <= 1, "dtms.k_min", "in [0, 1]", x.k_min)
+    check(x.freeze_epochs >= 0, "dtms.freeze_epochs", "at least 0", x.freeze_epochs)
+    ramp = tuple(x.k_ramp)
+    check(
+        len(ramp) == 2 and 0 <= ramp[0] <= ramp[1],
+        "dtms.k_ramp",
+        "two epochs (start, end) with 0 <= start <= end",
+        ramp,
+    )
+    check(e.window in ("sliding", "centre"), "eval.window", "sliding or centre", e.window)
+    check(e.windows_per_call >= 1, "eval.windows_per_call", "at least 1", e.windows_per_call)
+    check(0 <= e.overlap < 1, "eval.overlap", "in [0, 1)", e.overlap)
 
 
 def grid(cfg) -> tuple[int, ...]:
@@ -163,17 +213,96 @@ def chosen_step(cfg, ckpt: Checkpointer) -> int | None:
     return ckpt.latest_step()
 
 
-def restore_params(cfg, workdir: pathlib.Path) -> tuple[Any, dict]:
-    """(params, meta) of the chosen checkpoint."""
+# The model fields the parameters' shapes depend on (dropout and bfloat16 do not matter).
+PARAMETER_FIELDS = ("channels", "fusion", "token_dim", "heads", "depth", "mlp")
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): tuple(getattr(v, "shape", ())) for k, v in flat}
+
+
+def _check_trained_config(cfg, meta: dict, where: pathlib.Path) -> None:
+    """One line when a checkpoint's recorded config has another dataset or model than `cfg`,
+    naming the fields that differ."""
+    trained = meta.get("config") or {}
+    now = cfg.to_dict()
+    differ = []
+    if trained.get("dataset", now["dataset"]) != now["dataset"]:
+        differ.append(f"dataset={trained['dataset']!r} (the config says {now['dataset']!r})")
+    model = trained.get("model") or {}
+    for k in PARAMETER_FIELDS:
+        if k in model and _plain(model[k]) != _plain(now["model"][k]):
+            was, says = _plain(model[k]), _plain(now["model"][k])
+            differ.append(f"model.{k}={was!r} (the config says {says!r})")
+    if differ:
+        raise ValueError(
+            f"checkpoint {where} was trained with {', '.join(differ)}: set those fields as "
+            "trained, or choose another --workdir"
+        )
+
+
+def _check_shapes(state, template, where: pathlib.Path) -> None:
+    """One line naming the first parameter whose shape differs from the model's."""
+    got, want = _leaf_shapes(state), _leaf_shapes(template)
+    for k in sorted(set(got) | set(want)):
+        if got.get(k) != want.get(k):
+            raise ValueError(
+                f"checkpoint {where} does not fit the config's model: parameter {k} has shape "
+                f"{got.get(k, 'none')}, the model expects {want.get(k, 'none')}"
+            )
+
+
+def _plain(v):
+    """Config values as compared across JSON (tuples become lists)."""
+    return [_plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+
+def _unreadable(where: pathlib.Path, e: BaseException) -> OSError:
+    text = " ".join(str(e).split())[:300]
+    return OSError(f"checkpoint {where} cannot be read: {type(e).__name__}: {text}")
+
+
+def checkpoint_meta(cfg, workdir: pathlib.Path) -> tuple[int, dict]:
+    """(step, recorded meta) of the checkpoint `restore_params` would restore, without reading
+    its arrays or tracing the model: one-line errors for no checkpoint, an unreadable one, or
+    one whose recorded config has another dataset or model."""
     workdir = pathlib.Path(workdir)
     if not checkpoint_dir(workdir).is_dir():
-        raise FileNotFoundError(f"no checkpoints in {checkpoint_dir(workdir)}: train first")
+        raise FileNotFoundError(
+            f"no checkpoints in {checkpoint_dir(workdir)}: train first (--mode=train with this "
+            "--workdir)"
+        )
     ckpt = checkpointer(workdir, read_only=True)
-    step = chosen_step(cfg, ckpt)
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first")
-    state, meta = ckpt.restore(step, state_template(cfg))
-    ckpt.close()
+    try:
+        step = chosen_step(cfg, ckpt)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first")
+        where = checkpoint_dir(workdir) / str(step)
+        try:
+            meta = ckpt.meta(step)
+        except Exception as e:  # orbax and tensorstore raise many kinds on damage
+            raise _unreadable(where, e) from e
+    finally:
+        ckpt.close()
+    _check_trained_config(cfg, meta, where)
+    return step, meta
+
+
+def restore_params(cfg, workdir: pathlib.Path) -> tuple[Any, dict]:
+    """(params, meta) of the chosen checkpoint (`checkpoint_meta`'s checks first; no
+    compilation happens here)."""
+    step, _ = checkpoint_meta(cfg, workdir)
+    where = checkpoint_dir(workdir) / str(step)
+    template = state_template(cfg)
+    ckpt = checkpointer(workdir, read_only=True)
+    try:
+        state, meta = ckpt.restore(step, template)
+    except Exception as e:
+        raise _unreadable(where, e) from e
+    finally:
+        ckpt.close()
+    _check_shapes(state, template, where)
     return state.params, meta
 
 

@@ -127,26 +127,80 @@ def write_csv(spec: DatasetSpec, masks: dict[str, np.ndarray], path: str | pathl
             w.writerow([name, spec.combination_id(m), str(m), str(spec.sub_combination_ids(m))])
 
 
-def read_csv(spec: DatasetSpec, path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """{name: presence mask}; checks that mask_id and pos_mask_ids agree with the mask."""
-    out = {}
-    with pathlib.Path(path).open(newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"data_name", "mask_id", "mask"}
-        if not need <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: needs the columns {sorted(need)}")
-        for i, row in enumerate(reader, start=2):
-            mask = np.array(ast.literal_eval(row["mask"]), bool)
-            if mask.shape != (len(spec.modalities),) or not mask.any():
+def _literal(text: str, what: str):
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError(f"{what} {text!r} is not a Python literal") from None
+
+
+def _presence(text: str, n: int, what: str) -> np.ndarray:
+    """A mask cell ('[True, False, True, True]', or 0/1) as a bool (n,) vector."""
+    value = _literal(text, what)
+    ok = isinstance(value, list | tuple) and len(value) == n
+    ok = ok and all(isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)) for v in value)
+    if not ok:
+        raise ValueError(f"{what} {text!r} is not a list of {n} True/False values")
+    return np.array([bool(v) for v in value], bool)
+
+
+def read_csv(
+    spec: DatasetSpec, path: str | pathlib.Path, what: str = "missing-rate CSV"
+) -> dict[str, np.ndarray]:
+    """{name: presence mask}; checks that mask_id and pos_mask_ids agree with the mask. Raises
+    with one line naming `what` (the config field), the file and the line: a missing file,
+    missing columns, a malformed or empty mask, a wrong id, a name given twice."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a CSV file")
+    need = ["data_name", "mask_id", "mask"]
+    order = ", ".join(spec.modalities)
+    out, lines = {}, {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM too
+            reader = csv.DictReader(f)
+            have = [c.strip() for c in reader.fieldnames or ()]
+            if not set(need) <= set(have):
                 raise ValueError(
-                    f"{path}:{i}: mask {row['mask']} is not a non-empty "
-                    f"{len(spec.modalities)}-vector"
+                    f"{what} {path}: needs the columns {', '.join(need)} (pos_mask_ids "
+                    f"optional), has {', '.join(have) if have else 'no header'}"
                 )
-            if int(row["mask_id"]) != spec.combination_id(mask):
-                raise ValueError(
-                    f"{path}:{i}: mask_id {row['mask_id']} does not match {row['mask']}"
-                )
-            out[row["data_name"]] = mask
+            reader.fieldnames = have
+            for i, row in enumerate(reader, start=2):
+                if None in row or any(row[c] is None for c in need):
+                    more = "more" if None in row else "fewer"
+                    raise ValueError(
+                        f"{what} {path}:{i}: {more} fields than the header's {len(have)} "
+                        '(a mask must be quoted: "[True, False, ...]")'
+                    )
+                name = row["data_name"].strip()
+                if not name:
+                    raise ValueError(f"{what} {path}:{i}: empty data_name")
+                where = f"{what} {path}:{i}: {name}:"
+                mask = _presence(row["mask"], len(spec.modalities), f"{where} mask")
+                if not mask.any():
+                    raise ValueError(f"{where} mask {row['mask']} has no modality present")
+                mask_id = _literal(row["mask_id"], f"{where} mask_id")
+                if mask_id != spec.combination_id(mask):
+                    raise ValueError(
+                        f"{where} mask_id {row['mask_id']} does not match mask {row['mask']} "
+                        f"(id {spec.combination_id(mask)}; modalities in the order {order})"
+                    )
+                pos = (row.get("pos_mask_ids") or "").strip()
+                if pos and _literal(pos, f"{where} pos_mask_ids") != spec.sub_combination_ids(mask):
+                    raise ValueError(
+                        f"{where} pos_mask_ids {pos} does not match mask {row['mask']} "
+                        f"({spec.sub_combination_ids(mask)})"
+                    )
+                if name in out:
+                    raise ValueError(f"{where} also on line {lines[name]}")
+                out[name], lines[name] = mask, i
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not a text CSV ({e})") from None
+    except csv.Error as e:
+        raise ValueError(f"{what} {path}: not a CSV ({e})") from None
     return out
 
 

@@ -74,25 +74,32 @@ def predict_case(window, params, meta: dict, cache: pathlib.Path, rank: int) -> 
 
 def predict_folder(cfg, workdir: str | pathlib.Path) -> list[dict]:
     """Predict every case under `predict.input`; returns per case its name, `present` mask,
-    `missing` modalities and the written paths (also in `<output>/predictions.json`)."""
+    `missing` modalities and the written paths (also in `<output>/predictions.json`).
+
+    The inputs are checked before anything is written or compiled: the config, the folder,
+    its cases' files and headers (`preprocess.scan`), the output folder and the checkpoint. A
+    case that cannot be read is left out with a warning; when none is left, the error names
+    them all, and the folders this call created are removed again."""
     experiment.validate_config(cfg)
     workdir = pathlib.Path(workdir)
     if not cfg.predict.input:
         raise ValueError("--mode=predict needs --config.predict.input=<folder of cases>")
     src = pathlib.Path(cfg.predict.input)
-    if not src.is_dir():
-        raise FileNotFoundError(f"predict.input {src} is not a folder")
     spec = experiment.spec_of(cfg)
     rank = experiment.spatial_rank(cfg)
-    params, ckpt_meta = experiment.restore_params(cfg, workdir)
+    found, problems = preprocess.scan(spec, src, for_prediction=True, what="predict.input")
+    if len(problems) == len(found):
+        raise preprocess.CaseError(
+            f"no case under predict.input {src} can be predicted: {preprocess.left_out(problems)}"
+        )
+    out_dir = pathlib.Path(cfg.predict.output or workdir / "predictions")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"predict.output {out_dir} is a file, not a folder")
+    _, ckpt_meta = experiment.checkpoint_meta(cfg, workdir)
     settings = training_settings(cfg, ckpt_meta)
-    found = preprocess.discover(spec, src)
-    if not found:
-        pattern = f"<case>_{{{','.join(spec.file_suffixes)}}}.nii(.gz)"
-        raise FileNotFoundError(f"no case files {pattern} anywhere under {src}")
     for case in found:
         missing = [m for m, s in zip(spec.modalities, spec.file_suffixes) if s not in case.images]
-        if missing:
+        if missing and case.name not in problems:
             logging.warning(
                 "predict: %s has no %s file: predicted with %s treated as missing",
                 case.name,
@@ -100,51 +107,56 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> list[dict]:
                 "it" if len(missing) == 1 else "them",
             )
     cache = workdir / "predict_cache"
-    summary = preprocess.preprocess(
-        spec,
-        src,
-        cache,
-        settings.min_size,
-        cfg.data.preprocess_workers,
-        progress=lambda it, **k: progress(it, desc="preprocess", **k),
-        zoom=settings.zoom,
-        brain_box=settings.brain_box,
-        for_prediction=True,
-    )
-    for name, reason in summary.failed.items():
-        logging.warning("predict: case %s failed: %s", name, reason)
-    metas = {}
-    for p in (cache / "meta").glob("*.json"):
-        meta = preprocess.read_meta(p)
-        if meta and meta.get("case") in {c.name for c in found} - set(summary.failed):
-            metas[meta["case"]] = meta
-    if not metas:
-        raise preprocess.CaseError(f"no case under {src} could be preprocessed")
-    out_dir = pathlib.Path(cfg.predict.output or workdir / "predictions")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    window = experiment.inference_window(cfg)
-    results = []
-    for name in progress(sorted(metas), desc="predict"):
-        meta = metas[name]
-        probs = predict_case(window, params, meta, cache, rank)
-        pred_path = out_dir / f"{name}_pred.nii.gz"
-        preprocess.save_original(pred_path, probs.argmax(-1).astype(np.uint8), meta)
-        record = {
-            "case": name,
-            "present": [bool(x) for x in meta["present"]],
-            "missing": [m for m, p in zip(spec.modalities, meta["present"]) if not p],
-            "prediction": str(pred_path),
+    with preprocess.removed_on_error(cache, out_dir):
+        summary = preprocess.preprocess(
+            spec,
+            src,
+            cache,
+            settings.min_size,
+            cfg.data.preprocess_workers,
+            progress=lambda it, **k: progress(it, desc="preprocess", **k),
+            zoom=settings.zoom,
+            brain_box=settings.brain_box,
+            for_prediction=True,
+            scanned=(found, problems),
+        )
+        for name, reason in summary.failed.items():
+            logging.warning("predict: case %s failed: %s", name, reason)
+        metas = {}
+        for p in (cache / "meta").glob("*.json"):
+            meta = preprocess.read_meta(p)
+            if meta and meta.get("case") in {c.name for c in found} - set(summary.failed):
+                metas[meta["case"]] = meta
+        if not metas:
+            raise preprocess.CaseError(
+                f"no case under predict.input {src} could be preprocessed: "
+                f"{preprocess.left_out(summary.failed)}"
+            )
+        params, ckpt_meta = experiment.restore_params(cfg, workdir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        window = experiment.inference_window(cfg)
+        results = []
+        for name in progress(sorted(metas), desc="predict"):
+            meta = metas[name]
+            probs = predict_case(window, params, meta, cache, rank)
+            pred_path = out_dir / f"{name}_pred.nii.gz"
+            preprocess.save_original(pred_path, probs.argmax(-1).astype(np.uint8), meta)
+            record = {
+                "case": name,
+                "present": [bool(x) for x in meta["present"]],
+                "missing": [m for m, p in zip(spec.modalities, meta["present"]) if not p],
+                "prediction": str(pred_path),
+            }
+            if cfg.predict.probabilities:
+                prob_path = out_dir / f"{name}_prob.nii.gz"
+                _save_like(prob_path, probabilities_to_original(probs, meta), meta)
+                record["probabilities"] = str(prob_path)
+            results.append(record)
+        summary_out = {
+            "checkpoint_step": ckpt_meta.get("step"),
+            "modalities": list(spec.modalities),
+            "cases": results,
+            "failed": summary.failed,
         }
-        if cfg.predict.probabilities:
-            prob_path = out_dir / f"{name}_prob.nii.gz"
-            _save_like(prob_path, probabilities_to_original(probs, meta), meta)
-            record["probabilities"] = str(prob_path)
-        results.append(record)
-    summary_out = {
-        "checkpoint_step": ckpt_meta.get("step"),
-        "modalities": list(spec.modalities),
-        "cases": results,
-        "failed": summary.failed,
-    }
-    atomic.write_json(out_dir / "predictions.json", summary_out)
+        atomic.write_json(out_dir / "predictions.json", summary_out)
     return results

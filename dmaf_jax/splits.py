@@ -18,16 +18,39 @@ SPLIT_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
 SHIPPED = pathlib.Path(__file__).parent / "data"  # <dataset>/{train,val,test}.txt and CSVs
 
 
-def read_lists(folder: str | pathlib.Path) -> dict[str, list[str]]:
-    """{split: names} from the .txt lists present in `folder` (at least train.txt)."""
+def read_lists(folder: str | pathlib.Path, what: str = "split folder") -> dict[str, list[str]]:
+    """{split: names} from the .txt lists present in `folder` (at least train.txt). Raises
+    with one line naming `what` (the config field) and the file for a missing folder or
+    train.txt, an unreadable list, and a name in two lists or twice in one."""
     folder = pathlib.Path(folder)
-    out = {}
+    if not folder.exists():
+        raise FileNotFoundError(f"{what} {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what} {folder} is a file, not a folder of split lists")
+    out, where = {}, {}
     for split, fname in SPLIT_FILES.items():
         p = folder / fname
-        if p.exists():
-            out[split] = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if not p.exists():
+            continue
+        try:
+            lines = p.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{what} {p}: cannot read it as text ({e})") from e
+        out[split] = [line.strip() for line in lines if line.strip()]
+        for i, line in enumerate(lines, start=1):
+            name = line.strip()
+            if not name:
+                continue
+            if name in where:
+                raise ValueError(
+                    f"{what} {folder}: {name} is listed twice ({where[name]} and {fname}:{i}); "
+                    "a case belongs to one split"
+                )
+            where[name] = f"{fname}:{i}"
     if "train" not in out:
-        raise FileNotFoundError(f"{folder} has no train.txt")
+        raise FileNotFoundError(
+            f"{what} {folder} has no train.txt (expected {', '.join(SPLIT_FILES.values())})"
+        )
     return out
 
 
