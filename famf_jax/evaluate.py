@@ -26,6 +26,7 @@ from common.logging import read_jsonl
 from famf_jax import dataset, inference, pipeline
 from famf_jax.experiment import (
     check_workdir,
+    check_writable,
     choose_checkpoint,
     fold_dir,
     image_config,
@@ -329,11 +330,7 @@ def _output_path(cfg, workdir: pathlib.Path) -> pathlib.Path:
     out = pathlib.Path(cfg.predict.output or workdir / "predictions.csv")
     if out.is_dir():
         raise IsADirectoryError(f"predict.output {out} is a folder, expected a CSV file name")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"predict.output {out}: {parent} is a file, not a folder")
+    check_writable(out.parent, f"predict.output {out}")
     return out
 
 

@@ -46,7 +46,7 @@ def import_checkpoint(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
         )
     if cfg.import_dqn_path and not cfg.rdo.enabled:
         raise ValueError("import_dqn_path is set but rdo.enabled is False: the DQN has no place")
-    workdir = check_workdir(workdir)
+    workdir = check_workdir(workdir, writable=True)
     steps = checkpoint_steps(workdir, 0)
     if steps:
         raise FileExistsError(
@@ -62,6 +62,8 @@ def import_checkpoint(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
             try:
                 return convert.from_torch_dqn(sd, dim)
             except ValueError as e:
+                if "has shape" not in str(e):
+                    raise
                 raise ValueError(f"{e} (the DQN's input is train.batch_size + 2 = {dim})") from None
 
         q = _read(cfg.import_dqn_path, "import_dqn_path", dqn)

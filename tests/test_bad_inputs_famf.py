@@ -4,7 +4,9 @@ Each case runs `run.py --config configs/famf.py:smoke` in a subprocess and asser
 exit, one last stderr line `error: ...` naming the culprit, no traceback, no JAX compilation
 (`JAX_LOG_COMPILES` logs every one) and a workdir exactly as it was before (absent stays absent).
 The runs of the selected cases start together in a module fixture, two at a time, so the file
-costs about half its subprocess time; each test then checks its own run.
+costs about half its subprocess time; each test then checks its own run. Further kinds run the
+same mode functions in process (a subprocess costs ~2 s of imports), where the ValueError or
+OSError they raise is what run.py prints verbatim.
 """
 
 import csv
@@ -84,13 +86,10 @@ def _copy_images(data: Data, tmp: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def _fake_trained(workdir: pathlib.Path, **config) -> pathlib.Path:
+def _fake_trained(workdir: pathlib.Path) -> pathlib.Path:
     """A workdir whose fold_0 holds a checkpoint at step 0 with the smoke config's meta (the
     state is a stand-in: every case here fails before a restore)."""
     cfg = famf_config.get_config("smoke")
-    for key, value in config.items():
-        section, field = key.split(".")
-        cfg[section][field] = value
     ckpt = experiment.checkpointer(workdir, 0)
     meta = {"config": cfg.to_dict(), "fold": 0, "epoch": 1, "step": 0, "warm": True}
     ckpt.save(0, {"w": np.zeros(2, np.float32)}, meta)
@@ -359,45 +358,45 @@ def _named(*fns) -> dict[str, Callable[[Data, pathlib.Path], Case]]:
 # Through run.py in a subprocess: at least one kind of each input and each mode.
 CASES = _named(
     root_missing,
-    manifest_missing,
     manifest_wrong_columns,
     manifest_bad_labels,
     manifest_missing_image,
     corrupt_images,
     splits_name_unknown_patients,
-    splits_overlap,
     left_out_below_a_batch,
     synthetic_set_too_small,
     config_out_of_range("train.batch_size", 0, "train.batch_size must be at least 1, not 0"),
     resume_other_state,
     evaluate_no_checkpoint,
-    evaluate_unknown_step,
     evaluate_untrained_fold,
-    evaluate_damaged_checkpoint,
     predict_no_checkpoint,
     predict_empty_folder,
     predict_non_images,
-    import_missing_file,
     import_not_a_checkpoint,
     import_wrong_keys,
 )
-# More kinds, in process (a subprocess costs ~2.5 s of imports): the same mode functions run.py
+# More kinds, in process (a subprocess costs ~2 s of imports): the same mode functions run.py
 # calls; a ValueError or OSError is what run.py prints verbatim as its `error:` line.
 IN_PROCESS = _named(
-    import_over_a_checkpoint,
-    evaluate_other_model,
-    config_out_of_range("data.image_size", 36, "data.image_size must be a positive multiple"),
-    corrupt_label_files,
     root_is_a_file,
+    manifest_missing,
     manifest_not_text,
+    corrupt_label_files,
+    splits_overlap,
     too_few_for_a_batch,
+    config_out_of_range("data.image_size", 36, "data.image_size must be a positive multiple"),
     config_out_of_range("data.augmentation_prob", 1.5, "data.augmentation_prob must be in"),
     config_out_of_range("rdo.buffer_size", 4, "rdo.buffer_size (4) must exceed"),
     workdir_is_a_file,
     evaluate_no_workdir,
+    evaluate_unknown_step,
+    evaluate_other_model,
+    evaluate_damaged_checkpoint,
     predict_no_input,
     predict_output_under_a_file,
     import_truncated_archive,
+    import_missing_file,
+    import_over_a_checkpoint,
 )
 
 
@@ -466,6 +465,8 @@ def test_bad_input_gets_one_line_and_leaves_nothing(runs, name):
     case, proc, before = runs[name]
     assert_one_line_error(proc, *case.culprits)
     assert "Compiling" not in proc.stderr  # failed before any JAX compilation
+    if not (case.workdir / "fold_0").exists():  # no checkpoint manager on a missing folder
+        assert "read only" not in proc.stderr
     assert _snapshot(case.workdir) == before
 
 
@@ -482,8 +483,8 @@ def _in_process(case: Case):
             continue
         *path, field = key.removeprefix("config.").split(".")
         node = cfg[path[0]] if path else cfg
-        current = node[field]
-        node[field] = value if current is None else type(current)(value)
+        kind = node.get_ref(field).get_type()  # as run.py's flag parsing casts it
+        node[field] = value.lower() in ("1", "true") if kind is bool else kind(value)
     fn = {
         "train": train.train,
         "evaluate": evaluate.evaluate,
@@ -503,6 +504,20 @@ def test_bad_input_in_process(data, tmp_path, name):
     for c in case.culprits:
         assert c in text, f"{c!r} not in {text!r}"
     assert _snapshot(case.workdir) == before
+
+
+def test_unwritable_workdir_fails_before_any_work(data, tmp_path, monkeypatch):
+    # Root may write anywhere, so the permission is taken away through os.access.
+    from famf_jax import experiment as exp
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(exp.os, "access", lambda p, m: real(p, m) and pathlib.Path(p) != locked)
+    case = Case([f"--config.data.manifest={data.manifest}"], locked / "w", ())
+    text = _in_process(case)
+    assert text == f"--workdir {locked / 'w'}: {locked} is not writable"
+    assert not (locked / "w").exists()
 
 
 @pytest.mark.parametrize(
