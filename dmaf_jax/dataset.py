@@ -297,6 +297,8 @@ def validate_config(cfg) -> None:
         d.batch_size,
     )
     check_field(d.workers >= 0, "data.workers", "at least 0", d.workers)
+    if "max_replaced" in d:
+        check_field(d.max_replaced >= 0, "data.max_replaced", "at least 0", d.max_replaced)
     check_field(d.threads >= 1, "data.threads", "at least 1", d.threads)
     check_field(
         d.preprocess_workers >= 1, "data.preprocess_workers", "at least 1", d.preprocess_workers
@@ -368,6 +370,8 @@ def prepare(
     if for_training:
         need["train"] = max(need.get("train", 1), d.batch_size)
     # Checks: nothing is written before they pass.
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder")
     raw, generate = _raw_source(cfg, workdir)
     where_raw = "data.raw_dir" if d.raw_dir else "the synthetic raw folder"
     if d.root and not d.raw_dir:

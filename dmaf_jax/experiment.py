@@ -105,6 +105,13 @@ def validate_config(cfg) -> None:
     for name in ("epochs", "eval_every", "log_every", "checkpoint_every"):
         check(t[name] >= 1, f"train.{name}", "at least 1", t[name])
     check(t.learning_rate > 0, "train.learning_rate", "positive", t.learning_rate)
+    if "max_skipped_in_row" in t:
+        check(
+            t.max_skipped_in_row >= 0,
+            "train.max_skipped_in_row",
+            "at least 0 (0: never stop)",
+            t.max_skipped_in_row,
+        )
     for name in ("weight_decay", "lambda_cov", "lambda_att", "lambda_proto"):
         check(t[name] >= 0, f"train.{name}", "at least 0", t[name])
     check(

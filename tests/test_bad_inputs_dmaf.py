@@ -498,6 +498,8 @@ def test_batch_not_divisible_by_the_devices(data, tmp_path, monkeypatch):
         ("dtms.k_ramp", (30, 20), "start <= end"),
         ("eval.overlap", 1.0, "in [0, 1)"),
         ("eval.window", "tiled", "sliding or centre"),
+        ("data.max_replaced", -1, "at least 0"),
+        ("train.max_skipped_in_row", -1, "at least 0"),
     ],
 )
 def test_config_field_named(field, value, expected):
@@ -528,3 +530,40 @@ def test_folders_of_the_wrong_kind(data, tmp_path):
     with pytest.raises(NotADirectoryError, match="data.splits .*raw.zip is a file"):
         dataset.prepare(cfg, tmp_path / "work")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lists", "raw.zip"]
+    (tmp_path / "work.txt").write_text("")
+    cfg.data.splits = None
+    with pytest.raises(NotADirectoryError, match="--workdir .*work.txt is a file"):
+        dataset.prepare(cfg, tmp_path / "work.txt")
+
+
+def test_predict_output_that_is_a_file(data, tmp_path):
+    from dmaf_jax import predict
+
+    cfg = dmaf_brats2020.get_config("smoke")
+    cfg.predict.input, cfg.predict.output = str(data.brats), str(tmp_path / "out.nii.gz")
+    (tmp_path / "out.nii.gz").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="predict.output .*out.nii.gz is a file"):
+        predict.predict_folder(cfg, data.ckpt)
+
+
+def test_myops_slices_listed_for_a_subject_that_failed(data, tmp_path):
+    """A MyoPS split lists slices; the subject they belong to is named with its reason."""
+    from configs import dmaf_myops2020
+    from dmaf_jax import dataset
+
+    shutil.copytree(data.myops, tmp_path / "raw")
+    a, b = "myops_training_101", "myops_training_102"
+    rewrite(tmp_path / "raw" / a / f"{a}_gd.nii.gz", lambda x, aff: (x.astype(np.float32) / 3, aff))
+    folder = lists(tmp_path, train=[f"{a}_slice_0", f"{a}_slice_1"], test=[f"{b}_slice_0"])
+    cfg = dmaf_myops2020.get_config("smoke")
+    cfg.data.raw_dir, cfg.data.splits = str(tmp_path / "raw"), str(folder)
+    with pytest.raises(ValueError) as e:
+        dataset.prepare(cfg, tmp_path / "work", for_training=True)
+    assert str(e.value).startswith(f"no training case: 1 case left out: {a} (label values ")
+    assert f"in {a}_gd.nii.gz)" in str(e.value) and b not in str(e.value)
+    assert not (tmp_path / "work").exists()
+    # A slice the subject does not have is a typo, not a left-out case.
+    (folder / "train.txt").write_text(f"{b}_slice_1\n{b}_slice_7\n")
+    (folder / "test.txt").write_text(f"{b}_slice_0\n")
+    with pytest.raises(ValueError, match=f"train.txt names 1 case not found .*: {b}_slice_7$"):
+        dataset.prepare(cfg, tmp_path / "work", for_training=True)
