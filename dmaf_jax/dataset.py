@@ -24,6 +24,7 @@ the folders the run created are removed again.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 import numpy as np
@@ -324,6 +325,16 @@ def _folder(path: str | None, field: str) -> pathlib.Path | None:
     return p
 
 
+def check_writable(path: str | pathlib.Path, field: str) -> None:
+    """`path`, or the folder it would be created in, can be written (checked before any work,
+    so a read-only place fails at once instead of after preprocessing)."""
+    p = pathlib.Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+        raise PermissionError(f"{field} {path}: {p} is not writable")
+
+
 def _needed(spec, split, sizes: dict[str, int], failed: dict, lists, source: str) -> None:
     """Each split holds at least `sizes[split]` cases, else one line naming the cases that
     were left out (for a split from lists: those it listed) and why."""
@@ -372,6 +383,7 @@ def prepare(
     # Checks: nothing is written before they pass.
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder")
+    check_writable(workdir, "--workdir")
     raw, generate = _raw_source(cfg, workdir)
     where_raw = "data.raw_dir" if d.raw_dir else "the synthetic raw folder"
     if d.root and not d.raw_dir:
@@ -380,6 +392,8 @@ def prepare(
     root_text = f"data.root {root}" if d.root else f"the preprocessed folder {root}"
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root_text} is a file, not a folder")
+    if raw is not None:
+        check_writable(root, "data.root" if d.root else "--workdir")
     if raw is None and not (root / "vol").is_dir():
         if d.root:
             raise FileNotFoundError(

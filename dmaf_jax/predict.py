@@ -25,7 +25,7 @@ from absl import logging
 
 from common import atomic, nifti
 from common.logging import progress
-from dmaf_jax import experiment, preprocess
+from dmaf_jax import dataset, experiment, preprocess
 from dmaf_jax.inference import to_model_input
 
 
@@ -95,6 +95,8 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> list[dict]:
     out_dir = pathlib.Path(cfg.predict.output or workdir / "predictions")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"predict.output {out_dir} is a file, not a folder")
+    dataset.check_writable(out_dir, "predict.output" if cfg.predict.output else "--workdir")
+    dataset.check_writable(workdir, "--workdir")  # predict_cache/
     _, ckpt_meta = experiment.checkpoint_meta(cfg, workdir)
     settings = training_settings(cfg, ckpt_meta)
     for case in found:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import pathlib
 import shutil
 
@@ -567,3 +568,17 @@ def test_myops_slices_listed_for_a_subject_that_failed(data, tmp_path):
     (folder / "test.txt").write_text(f"{b}_slice_0\n")
     with pytest.raises(ValueError, match=f"train.txt names 1 case not found .*: {b}_slice_7$"):
         dataset.prepare(cfg, tmp_path / "work", for_training=True)
+
+
+def test_read_only_workdir(data, tmp_path, monkeypatch):
+    from dmaf_jax import dataset
+
+    cfg = dmaf_brats2020.get_config("smoke")
+    cfg.data.raw_dir = str(data.brats)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and pathlib.Path(p) != ro)
+    with pytest.raises(PermissionError, match=f"--workdir {ro}/a/work: {ro} is not writable"):
+        dataset.prepare(cfg, ro / "a" / "work")
+    assert not any(ro.iterdir())
