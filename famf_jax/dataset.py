@@ -52,7 +52,7 @@ def _leave_out(excluded: dict[str, str], problems: list[str], pid: str, why: str
 
 
 def left_out_text(items: Sequence[tuple[str, str]], limit: int = 3) -> str:
-    """'P1 (why); P2 (why) and 3 more (all in the warnings above)'."""
+    """'P1 (why); P2 (why); P3 (why); and 2 more (all in the warnings above)'."""
     shown = "; ".join(f"{pid} ({why})" for pid, why in items[:limit])
     more = len(items) - limit
     return shown + (f"; and {more} more (all in the warnings above)" if more > 0 else "")
@@ -82,9 +82,9 @@ def _readable(path: str) -> str | None:
         return f"image {path} missing"
     try:
         with Image.open(p) as im:
-            mode, size = im.mode, im.size
+            mode, (w, h) = im.mode, im.size
             if im.format == "JPEG":
-                im.draft(im.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+                im.draft(mode, (max(1, w // 8), max(1, h // 8)))
             im.load()
     except Image.UnidentifiedImageError:
         return f"image {path} unreadable (not an image format PIL knows)"
@@ -92,8 +92,6 @@ def _readable(path: str) -> str | None:
         return f"image {path} unreadable ({type(e).__name__}: {e})"
     if mode.startswith("I") or mode == "F":  # 16/32-bit: RGB conversion would clip it
         return f"image {path} has mode {mode}, expected 8-bit grey or colour"
-    if min(size) < 1:
-        return f"image {path} is empty ({size[0]}x{size[1]})"
     return None
 
 

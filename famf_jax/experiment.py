@@ -435,7 +435,8 @@ def choose_checkpoint(cfg, workdir: pathlib.Path, fold: int, n_folds: int | None
                 "folds (data.folds)"
             )
         raise FileNotFoundError(
-            f"no checkpoint in {where}{hint or ': train first (--mode=train) or import weights'}"
+            f"no checkpoint in {where}"
+            + (hint or ": train first (--mode=train) or import weights (--mode=import_torch)")
         )
     step = cfg.eval.checkpoint
     if step is not None and step not in steps:
