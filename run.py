@@ -92,6 +92,13 @@ def main(argv):
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     cfg = FLAGS.config
+    if "parallel" in cfg:  # several processes: before anything touches a device
+        from common import parallel
+
+        p = cfg.parallel
+        parallel.initialize(p.coordinator, p.num_processes, p.process_id)
+        if not parallel.is_main():
+            logging.set_verbosity(logging.WARNING)  # process 0 logs and reports
     workdir = _workdir(cfg)
     logging.info(
         "config %s:%s, mode %s, workdir %s", cfg.model_name, cfg.variant, FLAGS.mode, workdir

@@ -96,3 +96,28 @@ def exit_with_parent(parent: int, worker_index: int = 0, worker_count: int = 0) 
                 os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+class _Rows(grain.transforms.Map):
+    """Index j of one process's stream -> element of the global stream (see process_rows)."""
+
+    def __init__(self, ds: grain.MapDataset, batch_size: int, process: int, processes: int):
+        self.ds, self.b, self.local = ds, batch_size, batch_size // processes
+        self.offset = process * self.local
+
+    def map(self, j: int):
+        return self.ds[(j // self.local) * self.b + self.offset + j % self.local]
+
+
+def process_rows(ds: grain.MapDataset, batch_size: int, process: int, processes: int):
+    """The elements of `ds` that one process of `processes` reads when `ds` is cut into global
+    batches of `batch_size`: rows [p b, (p + 1) b) of each, b = batch_size / processes, so
+    batching the result by b gives this process's part of every global batch (and the
+    processes' parts together are the one-process batches). One process: `ds` itself."""
+    if processes == 1:
+        return ds
+    if batch_size % processes:
+        raise ValueError(f"batch size {batch_size} does not divide by the {processes} processes")
+    local = batch_size // processes
+    n = len(ds) // batch_size * local
+    return grain.MapDataset.range(n).map(_Rows(ds, batch_size, process, processes))

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -25,14 +26,18 @@ def _plain(v):
 
 class MetricWriter:
     """Appends `{"step", "time", <tag>: value}` lines to `<workdir>/<name>.jsonl` and, when
-    tensorboardX is installed, writes the same scalars as TensorBoard events."""
+    tensorboardX is installed, writes the same scalars as TensorBoard events. Only process 0
+    of a run over several processes writes (the others' writer does nothing)."""
 
     def __init__(
         self, workdir: str | pathlib.Path, name: str = "metrics", tensorboard: bool = True
     ):
         self.path = pathlib.Path(workdir) / f"{name}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = jax.process_index() == 0
         self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -42,6 +47,8 @@ class MetricWriter:
                 self._tb = None
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), "time": time.time()}
         row.update({k: _plain(v) for k, v in scalars.items()})
         with self.path.open("a") as f:
@@ -56,7 +63,7 @@ class MetricWriter:
         """Removes the JSONL rows with a step beyond `step` (a resumed run logs those steps
         again) and a line torn by a kill; returns how many. TensorBoard's event files are
         append-only: they keep the re-run steps twice."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return 0
         rows = []
         for line in self.path.read_text().splitlines():
@@ -84,7 +91,9 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", **kw):
-    """A tqdm bar on stderr, refreshed at most once a second (readable in CI logs too)."""
+    """A tqdm bar on stderr, refreshed at most once a second (readable in CI logs too); process
+    0's only."""
+    kw.setdefault("disable", jax.process_index() != 0)
     return tqdm(
         iterable,
         total=total,

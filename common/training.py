@@ -39,6 +39,10 @@ What the loop does:
   point and restarted ends with the same state, bit for bit, as an uninterrupted one, given a
   deterministic Grain pipeline and a step that derives its randomness from the state or the
   step number.
+- Input without a stall: the next step's batch is read and put on the devices (`to_device`,
+  e.g. a sharded `jax.device_put`) right after the current step is dispatched, so loading and
+  the host-to-device copy overlap the step; a checkpoint's data position is always right
+  after the batch of the step it holds.
 - Per-step outputs stay on the device; every `log_every` steps and at each epoch's end the
   pending ones are fetched with one `jax.device_get` and written, one row per step at the step
   count after it (`step + 1`) with the 0-based `epoch`: 0-d arrays as scalars, 1-d arrays as
@@ -326,67 +330,78 @@ def train_loop(
         logging.warning("%s: %s after step %d: checkpoint saved", desc, name, done)
         raise Interrupted(received[0], done)
 
+    def load(step: int) -> Any:
+        """The batch of `step`, put on the devices."""
+        nonlocal replaced
+        try:
+            batch = next(data)
+        except StopIteration:
+            raise RuntimeError(
+                f"{desc}: data ended at step {step}; it must yield {total} batches"
+            ) from None
+        if isinstance(batch, Mapping) and "replaced" in batch:
+            batch = dict(batch)
+            n = int(np.sum(batch.pop("replaced")))
+            replaced += n
+            if n and replaced > max_replaced:
+                bar.close()
+                writer.close()
+                raise Stopped(
+                    f"{desc}: {replaced} unusable data elements replaced by step {step + 1}, "
+                    f"more than the limit of {max_replaced} (the warnings above name "
+                    f"them); the last checkpoint, step {checkpointer.latest_step()}, is intact"
+                )
+        return to_device(batch)
+
+    def after_step(step: int, out: dict) -> None:
+        """Logging, and at an epoch's end its metrics, evaluation and checkpoint."""
+        log.pending.append(out)
+        bar.update(1)
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        end_of_epoch = in_epoch == steps_per_epoch - 1
+        if len(log.pending) < log_every and not end_of_epoch:
+            return
+        last_row = log.flush(step + 1, epoch)
+        check_skipped()
+        loss = log.epoch_loss()
+        bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, **_postfix(last_row, postfix_keys))
+        if not end_of_epoch:
+            return
+        train_row = {"train/loss": loss}
+        if epoch_metrics is not None:
+            train_row.update(epoch_metrics(log.epoch_rows))
+        writer.write(step + 1, train_row)
+        log.epoch_rows = []
+        done = epoch + 1
+        last = step + 1 == total
+        metrics = None
+        if evaluate is not None and (done % eval_every == 0 or last):
+            metrics = evaluate(state, done)
+            if metrics is not None:
+                metrics = {k: _plain_metric(v) for k, v in metrics.items()}
+                writer.write(step + 1, {f"valid/{k}": v for k, v in metrics.items()})
+                shown = checkpointer.best_metrics or tuple(metrics)
+                logging.info(
+                    "%s epoch %d: train loss %.4f, %s",
+                    desc,
+                    done,
+                    loss,
+                    ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in shown),
+                )
+        if metrics is not None or last or (checkpoint_every and done % checkpoint_every == 0):
+            m = checkpoint_meta(done, epoch=done, step=step + 1, metrics=metrics)
+            checkpointer.save(step + 1, state, m, data_iterator=data, metrics=metrics)
+
     with _signals_caught(received):
+        ahead = load(start) if start < total else None
         for step in range(start, total):
-            if received:  # checked here, so the previous step's epoch end ran in full
-                stop(step)
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            try:
-                batch = next(data)
-            except StopIteration:
-                raise RuntimeError(
-                    f"{desc}: data ended at step {step}; it must yield {total} batches"
-                ) from None
-            if isinstance(batch, Mapping) and "replaced" in batch:
-                batch = dict(batch)
-                n = int(np.sum(batch.pop("replaced")))
-                replaced += n
-                if n and replaced > max_replaced:
-                    bar.close()
-                    writer.close()
-                    raise Stopped(
-                        f"{desc}: {replaced} unusable data elements replaced by step {step + 1}, "
-                        f"more than the limit of {max_replaced} (the warnings above name "
-                        f"them); the last checkpoint, step {checkpointer.latest_step()}, is intact"
-                    )
-            state, out = step_fn(state, to_device(batch), step)
-            log.pending.append(out)
-            bar.update(1)
-            end_of_epoch = in_epoch == steps_per_epoch - 1
-            if len(log.pending) < log_every and not end_of_epoch:
-                continue
-            last_row = log.flush(step + 1, epoch)
-            check_skipped()
-            loss = log.epoch_loss()
-            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, **_postfix(last_row, postfix_keys))
-            if not end_of_epoch:
-                continue
-            train_row = {"train/loss": loss}
-            if epoch_metrics is not None:
-                train_row.update(epoch_metrics(log.epoch_rows))
-            writer.write(step + 1, train_row)
-            log.epoch_rows = []
-            done = epoch + 1
-            last = step + 1 == total
-            metrics = None
-            if evaluate is not None and (done % eval_every == 0 or last):
-                metrics = evaluate(state, done)
-                if metrics is not None:
-                    metrics = {k: _plain_metric(v) for k, v in metrics.items()}
-                    writer.write(step + 1, {f"valid/{k}": v for k, v in metrics.items()})
-                    shown = checkpointer.best_metrics or tuple(metrics)
-                    logging.info(
-                        "%s epoch %d: train loss %.4f, %s",
-                        desc,
-                        done,
-                        loss,
-                        ", ".join(f"{k} {_fmt(metrics.get(k))}" for k in shown),
-                    )
-            if metrics is not None or last or (checkpoint_every and done % checkpoint_every == 0):
-                m = checkpoint_meta(done, epoch=done, step=step + 1, metrics=metrics)
-                checkpointer.save(step + 1, state, m, data_iterator=data, metrics=metrics)
-        if received:  # during the last step or its evaluation: the final checkpoint exists
-            stop(total)
+            state, out = step_fn(state, ahead, step)  # dispatched: runs while the host goes on
+            after_step(step, out)
+            if received:  # after the epoch's end ran in full, before the next batch is read
+                stop(step + 1)
+            # The next batch goes to the devices while this step runs; read only now, so a
+            # checkpoint above holds the data position right after this step's batch.
+            ahead = load(step + 1) if step + 1 < total else None
     bar.close()
     writer.close()
     best, last_ckpt = summarise(checkpointer)
@@ -398,5 +413,6 @@ def train_loop(
             log.skipped,
             replaced,
         )
-    atomic.write_json(workdir / "train_summary.json", dataclasses.asdict(result))
+    if jax.process_index() == 0:
+        atomic.write_json(workdir / "train_summary.json", dataclasses.asdict(result))
     return state, result

@@ -68,6 +68,12 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     t.max_skipped_in_row = 10  # non-finite steps (left out) in a row before stopping; 0: never
     t.select = "best"  # best (validation Dice) | last (the spec's "test the last epoch")
 
+    c.parallel = p = config_dict.ConfigDict()  # devices and hosts (README: several GPUs)
+    p.fsdp = False  # True: large parameters and optimiser moments split over the devices
+    p.coordinator = config_dict.placeholder(str)  # process 0 host:port (or the environment)
+    p.num_processes = 0  # processes in the run (0: from the environment)
+    p.process_id = -1  # this process's index (-1: from the environment)
+
     c.dtms = x = config_dict.ConfigDict()
     x.reweight = True  # beta per modality from the epoch's relative gaps (ablation: False)
     x.scale = True  # per-encoder update factor k (ablation: False)

@@ -58,6 +58,12 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     t.log_every = 10  # steps between metric lines
     t.max_skipped_in_row = 10  # non-finite steps (left out) in a row before stopping; 0: never
 
+    c.parallel = p = config_dict.ConfigDict()  # devices and hosts (README: several GPUs)
+    p.fsdp = False  # True: large parameters and optimiser moments split over the devices
+    p.coordinator = config_dict.placeholder(str)  # process 0 host:port (or the environment)
+    p.num_processes = 0  # processes in the run (0: from the environment)
+    p.process_id = -1  # this process's index (-1: from the environment)
+
     c.rdo = r = config_dict.ConfigDict()
     r.enabled = True  # False: fixed alpha0 / gamma below
     r.alpha0 = 0.5

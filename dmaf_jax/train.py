@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from common import atomic, nonfinite, viz
+from common import atomic, loader, nonfinite, parallel, viz
 from common.loader import iterate
 from common.logging import progress, read_jsonl
 from common.training import train_loop
@@ -95,21 +95,24 @@ def train_step(cfg, tx, spe: int, weights: jax.Array, state: TrainState, batch: 
     return TrainState(step + 1, params, opt_state), outputs
 
 
-def jit_train_step(cfg, tx, spe: int, weights):
+def jit_train_step(cfg, tx, spe: int, weights, shard: parallel.Sharding | None = None, state=None):
+    """The jitted step; with `shard` (and the `state` it shards), data-parallel over its mesh."""
     fn = functools.partial(train_step, cfg, tx, spe, jnp.asarray(weights, jnp.float32))
-    return jax.jit(fn, donate_argnums=0)
+    return parallel.jit_step(fn, shard, state)
 
 
-def device_batch(cfg, batch: dict) -> dict:
-    """Host batch -> device arrays; MyoPS's depth axis of size 1 is dropped."""
+def host_batch(cfg, batch: dict) -> dict:
+    """The step's inputs as numpy arrays; MyoPS's depth axis of size 1 is dropped."""
     image, label = batch["image"], batch["label"]
     if experiment.spatial_rank(cfg) == 2:
         image, label = image[:, :, :, 0], label[:, :, :, 0]
-    return {
-        "image": jnp.asarray(image),
-        "label": jnp.asarray(label.astype(np.int32)),
-        "mask": jnp.asarray(batch["mask"]),
-    }
+    return {"image": image, "label": label.astype(np.int32), "mask": batch["mask"]}
+
+
+def device_batch(cfg, batch: dict, shard: parallel.Sharding | None = None) -> dict:
+    """Host batch -> device arrays (sharded over the mesh's devices with `shard`)."""
+    inputs = host_batch(cfg, batch)
+    return shard.put_batch(inputs) if shard is not None else jax.device_put(inputs)
 
 
 def validation_fn(cfg, cases: list[data.Case]):
@@ -120,12 +123,13 @@ def validation_fn(cfg, cases: list[data.Case]):
     rank = experiment.spatial_rank(cfg)
 
     def evaluate(state: TrainState, epoch: int) -> dict[str, float]:
+        params = parallel.local_copy(state.params)
         rows = []
         for case in progress(cases, desc=f"validation epoch {epoch}"):
             vol = to_model_input(np.load(case.vol), rank)
             seg = np.load(case.seg)
             seg = seg[:, :, 0] if rank == 2 else seg
-            probs = window.predict(state.params, vol, full)[0]
+            probs = window.predict(params, vol, full)[0]
             rows.append(experiment.mean_dice(spec, probs.argmax(-1), seg))
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -169,9 +173,14 @@ def train(cfg, workdir: str | pathlib.Path):
         dict(zip(spec.modalities, np.round(weights, 3).tolist())),
     )
     state, tx = experiment.create_state(cfg, spe)
+    shard = parallel.Sharding(parallel.mesh(), cfg.parallel.fsdp)
+    state = jax.device_put(state, shard.state(state))
     ds = data.train_dataset(spec, train_cases, dataset.augment_config(cfg), cfg.seed)
-    it = iter(iterate(ds, cfg.data.workers, cfg.data.batch_size, threads=cfg.data.threads))
-    step = jit_train_step(cfg, tx, spe, weights)
+    bs = cfg.data.batch_size
+    ds = loader.process_rows(ds, bs, jax.process_index(), jax.process_count())
+    local = bs // jax.process_count()
+    it = iter(iterate(ds, cfg.data.workers, local, threads=cfg.data.threads))
+    step = jit_train_step(cfg, tx, spe, weights, shard, state)
     evaluate = validation_fn(cfg, valid_cases) if valid_cases else None
     ckpt = experiment.checkpointer(workdir)
     try:
@@ -183,7 +192,7 @@ def train(cfg, workdir: str | pathlib.Path):
             checkpointer=ckpt,
             steps_per_epoch=spe,
             epochs=cfg.train.epochs,
-            to_device=functools.partial(device_batch, cfg),
+            to_device=functools.partial(device_batch, cfg, shard=shard),
             evaluate=evaluate,
             eval_every=cfg.train.eval_every,
             checkpoint_every=cfg.train.checkpoint_every,

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from common import atomic, nonfinite, optim
+from common import atomic, loader, nonfinite, optim, parallel
 from common.loader import iterate
 from common.training import TrainResult, train_loop
 from famf_jax import dataset, pipeline, rdo
@@ -111,12 +111,16 @@ def train_step(cfg, tx, state: TrainState, batch: dict, active, new_epoch, *, wa
     return new, out
 
 
-def jit_train_step(cfg, tx):
-    return jax.jit(functools.partial(train_step, cfg, tx), static_argnames="warm", donate_argnums=0)
+def jit_train_step(cfg, tx, shard: parallel.Sharding | None = None, state=None):
+    """The jitted step; with `shard` (and the `state` it shards), data-parallel over its mesh."""
+    fn = functools.partial(train_step, cfg, tx)
+    return parallel.jit_step(fn, shard, state, extra_args=2, static_argnames="warm")
 
 
-def device_batch(batch: dict) -> dict:
-    return {k: jnp.asarray(batch[k]) for k in ("bmode", "swe", "label")}
+def device_batch(batch: dict, shard: parallel.Sharding | None = None) -> dict:
+    """Host batch -> device arrays (sharded over the mesh's devices with `shard`)."""
+    inputs = {k: np.asarray(batch[k]) for k in ("bmode", "swe", "label")}
+    return shard.put_batch(inputs) if shard is not None else jax.device_put(inputs)
 
 
 def step_flags(cfg, step: int, steps_per_epoch: int) -> tuple[bool, bool, bool]:
@@ -154,16 +158,21 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
     if spe == 0:
         raise dataset.DataError(f"fold {fold}: {len(train_records)} training patients < batch {bs}")
     state, tx = create_state(cfg, spe)
+    shard = parallel.Sharding(parallel.mesh(), cfg.parallel.fsdp)
+    state = jax.device_put(state, shard.state(state))
     ds = pipeline.train_dataset(train_records, image_config(cfg), cfg.seed + fold, None)
-    jitted = jit_train_step(cfg, tx)
+    ds = loader.process_rows(ds, bs, jax.process_index(), jax.process_count())
+    jitted = jit_train_step(cfg, tx, shard, state)
+    flags = {b: jax.device_put(jnp.asarray(b), shard.replicated) for b in (False, True)}
 
     def step_fn(state, batch, step):
         warm, active, new_epoch = step_flags(cfg, step, spe)
-        return jitted(state, batch, jnp.asarray(active), jnp.asarray(new_epoch), warm=warm)
+        return jitted(state, batch, flags[active], flags[new_epoch], warm=warm)
 
     def evaluate(state, epochs_done):
         warm = warm_after(cfg, epochs_done)
-        m, _ = split_metrics(cfg, state.variables, valid_records, warm, f"fold {fold} valid")
+        variables = parallel.local_copy(state.variables)
+        m, _ = split_metrics(cfg, variables, valid_records, warm, f"fold {fold} valid")
         return {k: v for k, v in m.items() if np.isscalar(v)}
 
     meta = {"config": cfg.to_dict(), "fold": fold, "steps_per_epoch": spe}
@@ -171,12 +180,12 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
     _, result = train_loop(
         state,
         step_fn,
-        iter(iterate(ds, cfg.data.workers, batch_size=bs)),
+        iter(iterate(ds, cfg.data.workers, batch_size=bs // jax.process_count())),
         workdir=fold_dir(workdir, fold),
         checkpointer=ckpt,
         steps_per_epoch=spe,
         epochs=cfg.train.epochs,
-        to_device=device_batch,
+        to_device=functools.partial(device_batch, shard=shard),
         evaluate=evaluate,
         eval_every=cfg.train.eval_every,
         log_every=cfg.train.log_every,
