@@ -23,6 +23,7 @@ import optax
 from absl import logging
 
 from common import metrics as metrics_lib
+from common import parallel
 from common.checkpoint import Checkpointer
 from common.loader import iterate
 from common.logging import progress
@@ -78,6 +79,7 @@ def validate_config(cfg) -> None:
         section, key = name.split(".")
         if cfg[section][key] < 1:
             raise ValueError(f"{name} must be at least 1, not {cfg[section][key]}")
+    parallel.check_batch(cfg.train.batch_size, "train.batch_size")  # data-parallel split
     d, t, r, e = cfg.data, cfg.train, cfg.rdo, cfg.eval
     checks = [
         ("data.augmentation_prob", d.augmentation_prob, 0, 1, {}),
