@@ -14,6 +14,8 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,7 @@ import pytest
 from PIL import Image
 
 from configs import famf as famf_config
-from conftest import assert_one_line_error, run_py
+from conftest import REPO, assert_one_line_error, run_py
 from famf_jax import experiment, synthetic
 
 SMOKE = ("--config", "configs/famf.py:smoke")
@@ -54,6 +56,7 @@ class Case:
     args: list[str]
     workdir: pathlib.Path
     culprits: tuple[str, ...]
+    env: dict[str, str] | None = None  # extra environment of the run
 
 
 def _rows(data: Data) -> list[dict]:
@@ -237,6 +240,13 @@ def config_out_of_range(field, value, culprit):
     return case
 
 
+def batch_not_divisible_by_devices(data, tmp):
+    # Two CPU devices (forced through XLA_FLAGS): a batch of 3 cannot split over them.
+    args = [f"--config.data.manifest={data.manifest}", "--config.train.batch_size=3"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return Case(args, tmp / "w", ("train.batch_size=3", "2 devices"), env)
+
+
 def workdir_is_a_file(data, tmp):
     (tmp / "w").write_text("x")
     return Case([f"--config.data.manifest={data.manifest}"], tmp / "w", ("--workdir", "is a file"))
@@ -366,6 +376,7 @@ CASES = _named(
     left_out_below_a_batch,
     synthetic_set_too_small,
     config_out_of_range("train.batch_size", 0, "train.batch_size must be at least 1, not 0"),
+    batch_not_divisible_by_devices,
     resume_other_state,
     evaluate_no_checkpoint,
     evaluate_untrained_fold,
@@ -445,7 +456,15 @@ def runs(request, data, tmp_path_factory):
     def run(name):
         case, _ = prepared[name]
         mode = [] if any(a.startswith("--mode") for a in case.args) else ["--mode=train"]
-        return run_py(*SMOKE, f"--workdir={case.workdir}", *mode, *case.args)
+        args = (*SMOKE, f"--workdir={case.workdir}", *mode, *case.args)
+        if not case.env:
+            return run_py(*args)
+        # run_py's command with this case's own environment (os.environ is shared by threads)
+        cmd = [sys.executable, str(REPO / "run.py"), f"--compilation_cache={REPO / '.jax_cache'}"]
+        env = dict(os.environ, JAX_LOG_COMPILES="1", **case.env)
+        return subprocess.run(
+            [*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
 
     old = os.environ.get("JAX_LOG_COMPILES")
     os.environ["JAX_LOG_COMPILES"] = "1"  # the subprocesses log every compilation
