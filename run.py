@@ -50,6 +50,10 @@ def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
         from famf_jax import import_torch
 
         print(f"imported into {import_torch.import_checkpoint(cfg, workdir)}")
+    else:
+        raise ValueError(
+            f"FAMF-Net has no --mode={mode} (it has train, evaluate, predict, import_torch)"
+        )
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -154,7 +158,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"error: {arg.split('=')[0]}: the config has no field {key!r}")
     except Exception as e:  # flags.Error, or the config module's own exception
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        flag = lines[0].split(": ")[0] + ": " if lines and lines[0].startswith("flag --") else ""
+        first = lines[0] if lines else ""
+        flag = first.split(": ")[0] + ": " if first.startswith("flag --") else ""
+        flag = "" if lines and lines[-1].startswith(flag) else flag  # already in the message
         _fail(f"error: {flag}{lines[-1] if lines else type(e).__name__}")
     if len(rest) > 1:
         _fail(f"error: unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)")
