@@ -95,27 +95,10 @@ def main(argv):
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    cfg = FLAGS.config
-    if "parallel" in cfg:  # several processes: before anything touches a device
-        from common import parallel
-
-        p = cfg.parallel
-        parallel.initialize(p.coordinator, p.num_processes, p.process_id)
-        if not parallel.is_main():
-            logging.set_verbosity(logging.WARNING)  # process 0 logs and reports
-    workdir = _workdir(cfg)
-    logging.info(
-        "config %s:%s, mode %s, workdir %s", cfg.model_name, cfg.variant, FLAGS.mode, workdir
-    )
     from common.training import Interrupted
 
     try:
-        if cfg.model_name == "famf":
-            _famf(cfg, FLAGS.mode, workdir)
-        elif cfg.model_name == "dmaf":
-            _dmaf(cfg, FLAGS.mode, workdir)
-        else:
-            raise ValueError(f"unknown model {cfg.model_name!r}")
+        _run(FLAGS.config, FLAGS.mode)
     except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was saved
         _fail(f"stopped: {e}", 128 + e.signum)
     except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save
@@ -124,6 +107,24 @@ def main(argv):
         if FLAGS.verbosity >= 1:
             raise
         _fail(f"error: {_describe(e)}")
+
+
+def _run(cfg, mode: str) -> None:
+    if "parallel" in cfg:  # several processes: before anything touches a device
+        from common import parallel
+
+        p = cfg.parallel
+        parallel.initialize(p.coordinator, p.num_processes, p.process_id)
+        if not parallel.is_main():
+            logging.set_verbosity(logging.WARNING)  # process 0 logs and reports
+    workdir = _workdir(cfg)
+    logging.info("config %s:%s, mode %s, workdir %s", cfg.model_name, cfg.variant, mode, workdir)
+    if cfg.model_name == "famf":
+        _famf(cfg, mode, workdir)
+    elif cfg.model_name == "dmaf":
+        _dmaf(cfg, mode, workdir)
+    else:
+        raise ValueError(f"unknown model {cfg.model_name!r}")
 
 
 def _describe(e: BaseException) -> str:

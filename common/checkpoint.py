@@ -174,8 +174,24 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(state_template), "meta": ocp.args.JsonRestore()}
         if data_iterator is not None and self.has_data(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except KeyError as e:
+            if "data" not in items or not self._readable_without_data(step, state_template):
+                raise
+            # Grain's position format depends on the pipeline (worker processes or not).
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)}: its data position does not fit this "
+                "data pipeline; resume with the data.workers it was saved with"
+            ) from e
         return out["state"], dict(out["meta"])
+
+    def _readable_without_data(self, step: int, state_template: Any) -> bool:
+        try:
+            self.restore(step, state_template)
+        except Exception:  # any failure: not a data-position problem
+            return False
+        return True
 
     def restore_latest(
         self, state_template: Any, *, data_iterator: Any = None

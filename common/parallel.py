@@ -133,19 +133,15 @@ class Sharding:
         )
 
 
-def jit_step(fn, shard: Sharding | None, state, extra_args: int = 0, **jit_kw):
-    """`jax.jit(fn, donate_argnums=0)` for `fn(state, batch, *extra) -> (state, outputs)`,
-    with the state's and the batch's shardings when `shard` is given (outputs replicated)."""
+def jit_step(fn, shard: Sharding | None, state, **jit_kw):
+    """`jax.jit(fn, donate_argnums=0)` for `fn(state, batch, ...) -> (state, outputs)`. With
+    `shard`, the new state keeps the state's shardings and the outputs are replicated; the
+    inputs bring their own (`jax.device_put(state, shard.state(state))`, `shard.put_batch`),
+    which also leaves keyword arguments free."""
     if shard is None:
         return jax.jit(fn, donate_argnums=0, **jit_kw)
-    s = shard.state(state)
-    return jax.jit(
-        fn,
-        in_shardings=(s, shard.batch) + (shard.replicated,) * extra_args,
-        out_shardings=(s, shard.replicated),
-        donate_argnums=0,
-        **jit_kw,
-    )
+    out = (shard.state(state), shard.replicated)
+    return jax.jit(fn, out_shardings=out, donate_argnums=0, **jit_kw)
 
 
 def local_copy(tree):

@@ -173,6 +173,7 @@ class _StepLog:
         self.epoch_rows: list[dict[str, np.ndarray]] = []
         self.skipped = 0  # skipped steps, in the whole run
         self.skipped_in_row = 0
+        self.longest_run = 0  # the longest run of skipped steps seen (the stop's criterion)
 
     def epoch_loss(self) -> float:
         losses = [float(r["loss"]) for r in self.epoch_rows if not r.get("skipped", 0)]
@@ -205,6 +206,7 @@ class _StepLog:
             if row.get("skipped", 0):
                 self.skipped += 1
                 self.skipped_in_row += 1
+                self.longest_run = max(self.longest_run, self.skipped_in_row)
                 logging.warning(
                     "step %d: non-finite loss or gradients, its update was left out "
                     "(%d in a row, %d in the run)",
@@ -298,15 +300,20 @@ def train_loop(
         m.update(fields, skipped_steps=log.skipped, replaced_elements=replaced)
         return m
 
+    def last_checkpoint() -> str:
+        s = checkpointer.latest_step()
+        return (
+            "no checkpoint saved yet" if s is None else f"the last checkpoint, step {s}, is intact"
+        )
+
     def check_skipped() -> None:
-        if max_skipped_in_row and log.skipped_in_row >= max_skipped_in_row:
+        if max_skipped_in_row and log.longest_run >= max_skipped_in_row:
             bar.close()
             writer.close()
             raise Stopped(
-                f"{desc}: {log.skipped_in_row} steps in a row had a non-finite loss or "
-                f"gradients (the limit is {max_skipped_in_row}); the last checkpoint, step "
-                f"{checkpointer.latest_step()}, is intact; look for NaN in the data or lower "
-                "the learning rate"
+                f"{desc}: {log.longest_run} steps in a row had a non-finite loss or "
+                f"gradients (the limit is {max_skipped_in_row}); {last_checkpoint()}; look for "
+                "NaN in the data or lower the learning rate"
             )
 
     def stop(done: int) -> None:
@@ -349,7 +356,7 @@ def train_loop(
                 raise Stopped(
                     f"{desc}: {replaced} unusable data elements replaced by step {step + 1}, "
                     f"more than the limit of {max_replaced} (the warnings above name "
-                    f"them); the last checkpoint, step {checkpointer.latest_step()}, is intact"
+                    f"them); {last_checkpoint()}"
                 )
         return to_device(batch)
 

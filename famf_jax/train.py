@@ -114,7 +114,7 @@ def train_step(cfg, tx, state: TrainState, batch: dict, active, new_epoch, *, wa
 def jit_train_step(cfg, tx, shard: parallel.Sharding | None = None, state=None):
     """The jitted step; with `shard` (and the `state` it shards), data-parallel over its mesh."""
     fn = functools.partial(train_step, cfg, tx)
-    return parallel.jit_step(fn, shard, state, extra_args=2, static_argnames="warm")
+    return parallel.jit_step(fn, shard, state, static_argnames="warm")
 
 
 def device_batch(batch: dict, shard: parallel.Sharding | None = None) -> dict:
