@@ -47,7 +47,7 @@ def run(config, workdir, *overrides, mode="train"):
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=1800,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out

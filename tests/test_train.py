@@ -34,7 +34,7 @@ def run_py(*args):
         f"--compilation_cache={REPO / '.jax_cache'}",
         *args,
     ]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.slow
