@@ -13,6 +13,10 @@ Missing modalities are zeroed at the input and in every encoder level (PASSION's
 gradient reaches a missing modality's encoder and one compiled program serves every mask.
 Encoding does not depend on the mask, so evaluation encodes a window once and fuses it under
 each combination (`encode` then `fuse_decode`).
+
+With `remat`, every pre-norm convolution block of the encoders and decoders is wrapped in
+`nn.remat` (jax.checkpoint): the backward pass keeps only each block's input and recomputes its
+norm, activation, padding and stacked conv views. Parameters and their names do not change.
 """
 
 from __future__ import annotations
@@ -30,24 +34,31 @@ from dmaf_jax.layers import PreNormConv, upsample
 DEFAULT_CHANNELS = (8, 16, 32, 64, 128)
 
 
+def _block(remat: bool) -> type[PreNormConv]:
+    """PreNormConv, or its rematerialised form (same parameters, same names)."""
+    return nn.remat(PreNormConv) if remat else PreNormConv
+
+
 class Encoder(nn.Module):
     """One modality's 5-level encoder (spec 2.3): c1 (stride 2 after level 1), then a residual
     pair of pre-norm convolutions."""
 
     channels: Sequence[int]
     dtype: jnp.dtype | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """x (B, *S, 1) -> [(B, S / 2^l, C_l) for each level l]."""
+        block = _block(self.remat)
         feats = []
         for level, c in enumerate(self.channels):
             if level == 0:
                 x = Conv(c, 3, dtype=self.dtype, name="l1_c1")(x)
             else:
-                x = PreNormConv(c, 3, 2, self.dtype, name=f"l{level + 1}_c1")(x)
-            r = PreNormConv(c, dtype=self.dtype, name=f"l{level + 1}_c2")(x)
-            x = x + PreNormConv(c, dtype=self.dtype, name=f"l{level + 1}_c3")(r)
+                x = block(c, 3, 2, self.dtype, name=f"l{level + 1}_c1")(x)
+            r = block(c, dtype=self.dtype, name=f"l{level + 1}_c2")(x)
+            x = x + block(c, dtype=self.dtype, name=f"l{level + 1}_c3")(r)
             feats.append(x)
         return feats
 
@@ -67,16 +78,18 @@ class SharedDecoder(nn.Module):
     channels: Sequence[int]
     num_classes: int
     dtype: jnp.dtype | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, feats: list[jax.Array]) -> jax.Array:
+        block = _block(self.remat)
         x = feats[-1]
         for level in reversed(range(len(self.channels) - 1)):
             c, n = self.channels[level], level + 1
-            x = PreNormConv(c, dtype=self.dtype, name=f"d{n}_c1")(upsample(x, 2))
+            x = block(c, dtype=self.dtype, name=f"d{n}_c1")(upsample(x, 2))
             x = jnp.concatenate([x, feats[level]], axis=-1)
-            x = PreNormConv(c, dtype=self.dtype, name=f"d{n}_c2")(x)
-            x = PreNormConv(c, 1, dtype=self.dtype, name=f"d{n}_out")(x)
+            x = block(c, dtype=self.dtype, name=f"d{n}_c2")(x)
+            x = block(c, 1, dtype=self.dtype, name=f"d{n}_out")(x)
         return Conv(self.num_classes, 1, dtype=self.dtype, name="seg")(x)
 
 
@@ -87,22 +100,24 @@ class FusionDecoder(nn.Module):
     channels: Sequence[int]
     num_classes: int
     dtype: jnp.dtype | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, fused: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
         top = len(self.channels) - 1
         dt = self.dtype
-        g = PreNormConv(self.channels[top], dtype=dt, name=f"block{top + 1}")(fused[top])
+        block = _block(self.remat)
+        g = block(self.channels[top], dtype=dt, name=f"block{top + 1}")(fused[top])
         aux = [Conv(self.num_classes, 1, dtype=dt, name=f"pred{top}")(g)]
-        u = PreNormConv(self.channels[top - 1], dtype=dt, name=f"up{top + 1}")(upsample(g, 2))
+        u = block(self.channels[top - 1], dtype=dt, name=f"up{top + 1}")(upsample(g, 2))
         for level in reversed(range(top)):
             c, n = self.channels[level], level + 1
-            b = PreNormConv(c, dtype=dt, name=f"block{n}")(fused[level])
-            g = PreNormConv(c, dtype=dt, name=f"d{n}_c1")(jnp.concatenate([b, u], axis=-1))
-            g = PreNormConv(c, 1, dtype=dt, name=f"d{n}_c2")(g)
+            b = block(c, dtype=dt, name=f"block{n}")(fused[level])
+            g = block(c, dtype=dt, name=f"d{n}_c1")(jnp.concatenate([b, u], axis=-1))
+            g = block(c, 1, dtype=dt, name=f"d{n}_c2")(g)
             if level > 0:
                 aux.append(Conv(self.num_classes, 1, dtype=dt, name=f"pred{level}")(g))
-                u = PreNormConv(self.channels[level - 1], dtype=dt, name=f"up{n}")(upsample(g, 2))
+                u = block(self.channels[level - 1], dtype=dt, name=f"up{n}")(upsample(g, 2))
         logits = Conv(self.num_classes, 1, dtype=dt, name="seg")(g)
         return logits, aux[::-1]
 
@@ -131,6 +146,7 @@ class DMAFNet(nn.Module):
     mlp: int = 512
     dropout: float = 0.1
     dtype: jnp.dtype | None = None
+    remat: bool = False  # rematerialise the encoder and decoder blocks (memory for compute)
 
     def setup(self):
         # Parameters stacked over the modalities (nn.scan creates them; `encode` applies them).
@@ -141,12 +157,14 @@ class DMAFNet(nn.Module):
             in_axes=0,
             out_axes=0,
             length=self.num_modalities,
-        )(self.channels, self.dtype)
-        self.shared_decoder = SharedDecoder(self.channels, self.num_classes, self.dtype)
+        )(self.channels, self.dtype, self.remat)
+        self.shared_decoder = SharedDecoder(self.channels, self.num_classes, self.dtype, self.remat)
         levels = len(self.channels)
         if self.fusion == "dmaf":
+            # The attention maps of all levels dominate the saved activations at large crops.
+            fusion = nn.remat(DMAF, static_argnums=(3,)) if self.remat else DMAF  # 3: train
             self.dmaf = [
-                DMAF(
+                fusion(
                     2 ** (levels - 1 - level),
                     self.token_dim,
                     self.heads,
@@ -159,7 +177,7 @@ class DMAFNet(nn.Module):
             ]
         elif self.fusion != "mean":
             raise ValueError(f"model.fusion must be dmaf or mean, not {self.fusion!r}")
-        self.fusion_decoder = FusionDecoder(self.channels, self.num_classes, self.dtype)
+        self.fusion_decoder = FusionDecoder(self.channels, self.num_classes, self.dtype, self.remat)
         c = self.channels[-1]
         # CCA's shared linear map (section 11.7), identity at the start.
         self.cca_projection = nn.Dense(
@@ -180,7 +198,7 @@ class DMAFNet(nn.Module):
         # One encoder call per modality on its slice of the stacked parameters: on CPU a
         # scan's backward pass is 7x slower and a vmap (a grouped convolution) 6-20x slower.
         stacked = self.encoder.variables["params"]
-        single = Encoder(self.channels, self.dtype, parent=None)
+        single = Encoder(self.channels, self.dtype, self.remat, parent=None)
         per = [
             single.apply({"params": jax.tree.map(lambda p, i=i: p[i], stacked)}, xm[i])
             for i in range(xm.shape[0])
@@ -247,6 +265,7 @@ def build_model(cfg, spec) -> DMAFNet:
         mlp=m.mlp,
         dropout=m.dropout,
         dtype=jnp.bfloat16 if m.bfloat16 else None,
+        remat=m.remat,
     )
 
 

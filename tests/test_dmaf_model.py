@@ -649,13 +649,13 @@ def cfg2():
     return tiny(dmaf_myops2020.get_config("smoke"))
 
 
-@pytest.fixture(scope="module")
-def grad2(cfg2):
+def gradient_fn(cfg):
     """(params, x, mask, y) -> (loss, outputs, terms, grads) of losses.objective with the
-    distillation fully ramped in, non-uniform betas and availability weights."""
-    net = experiment.model(cfg2)
+    distillation fully ramped in, non-uniform betas and availability weights; compiled for the
+    fixed rank-2 batch."""
+    net = experiment.model(cfg)
     assert (net.num_modalities, net.num_classes) == (3, 6)
-    grid = experiment.grid(cfg2)
+    grid = experiment.grid(cfg)
     params = compile_fast(lambda k: init_variables(net, k, (32, 32)), jax.random.key(0))(
         jax.random.key(0)
     )["params"]
@@ -682,6 +682,11 @@ def grad2(cfg2):
     mask = np.ones((2, 3), bool)
     compiled = compile_fast(loss_and_grad, params, x, mask, y)
     return lambda mask, y=y: jax.device_get(compiled(params, x, np.asarray(mask, bool), y))
+
+
+@pytest.fixture(scope="module")
+def grad2(cfg2):
+    return gradient_fn(cfg2)
 
 
 def test_output_shapes_rank2(grad2):
@@ -879,3 +884,18 @@ def test_nonfinite_batch_leaves_the_state_alone_and_the_run_continues(step3, cre
     ref, _ = step3(ref.replace(step=ref.step + 1), b2)
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(ref))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
+    # nn.remat recomputes the blocks in the backward pass (same dropout keys): same numbers,
+    # same parameter names, so checkpoints do not depend on the switch.
+    cfg = tiny(dmaf_myops2020.get_config("smoke"))
+    cfg.model.remat = True
+    mask = [[True, False, True], [True, True, True]]
+    loss, out, terms, g = grad2(mask)
+    loss_r, out_r, terms_r, g_r = gradient_fn(cfg)(mask)
+    assert jax.tree.structure(g_r) == jax.tree.structure(g)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-5)
+    np.testing.assert_allclose(out_r["logits"], out["logits"], rtol=1e-4, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(g_r)):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6, err_msg=jax.tree_util.keystr(path))
