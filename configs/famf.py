@@ -41,6 +41,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     # MAF's channel-attention logits / sqrt(N): near-uniform attention at 256x256 (MAF off in
     # effect); False = the original's unscaled logits (faithful mode always)
     m.scaled_attention = False
+    m.bfloat16 = False  # bfloat16 backbones; params, BN, MAF/RAA, CAMs, logits and losses float32
 
     c.train = t = config_dict.ConfigDict()
     t.epochs = 5000

@@ -37,7 +37,8 @@ def closed_form_cams(
 ) -> tuple[jax.Array, jax.Array]:
     """CAMs of the predicted class for both streams, constants for differentiation.
 
-    f9_*: (B, h, w, K) fire9 activations of the warm-off pass; conv10_kernel: (1, 1, 2K, 2)
+    f9_*: (B, h, w, K) fire9 activations of the warm-off pass (bfloat16 ones are upcast: the
+    maps, and all RAA derives from them, are float32); conv10_kernel: (1, 1, 2K, 2)
     with the B-mode channels first; probs: (B, 2) float32. Returns two (B, h, w) maps in [0, 1].
     """
     w = conv10_kernel.reshape(conv10_kernel.shape[-2], conv10_kernel.shape[-1])  # (2K, 2)
@@ -54,6 +55,7 @@ def closed_form_cams(
     hp = jax.lax.Precision.HIGHEST
 
     def one(a, d):
+        a = a.astype(jnp.float32)
         return minmax_normalise(jax.nn.relu(jnp.einsum("bk,bhwk->bhw", d, a, precision=hp)))
 
     cams = one(f9_bmode, diff[:, :k]), one(f9_swe, diff[:, k:])

@@ -142,6 +142,7 @@ def build_model(cfg) -> FAMFNet:
         faithful=cfg.faithful,
         modalities=modalities(cfg),
         scaled_attention=cfg.model.scaled_attention,
+        dtype=jnp.bfloat16 if cfg.model.bfloat16 else None,
     )
 
 
@@ -519,6 +520,7 @@ def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") 
             warm=warm,
             modalities=modalities(cfg),
             scaled_attention=cfg.model.scaled_attention,
+            bfloat16=cfg.model.bfloat16,
         )
         probs.append(np.asarray(out["probs"][:n, 1]))
     return np.concatenate(probs) if probs else np.zeros(0)

@@ -1,6 +1,7 @@
 """Building blocks of FAMF-Net with PyTorch's defaults (spec section 2.1).
 
-Channels-last throughout: images and feature maps are (B, H, W, C).
+Channels-last throughout: images and feature maps are (B, H, W, C). The compute dtype is the
+input's (bfloat16 with `model.bfloat16`): convolutions cast their float32 parameters to it.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = TorchConv(self.features, self.kernel_size, name="conv")(x)
-        x = batch_norm(train, name="bn")(x)
-        return nn.relu(x)
+        y = TorchConv(self.features, self.kernel_size, name="conv")(x)
+        # Statistics and normalisation in float32 whatever the compute dtype (flax promotes a
+        # bfloat16 input against its float32 statistics); the next layer gets x's dtype again.
+        y = batch_norm(train, name="bn")(y)
+        return nn.relu(y).astype(x.dtype)
 
 
 class Fire(nn.Module):

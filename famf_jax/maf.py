@@ -11,6 +11,10 @@ softmax then peak at 0.17-0.63. `scaled_attention=True` divides them by sqrt(N),
 grid positions, as transformers do; at 256x256 that makes the attention near-uniform (row
 maxima 0.008-0.012 against a uniform 0.0078) and every fused channel the channel mean, i.e.
 MAF switched off in effect, so it is an option, not a correction.
+
+With bfloat16 compute (model.py) MAF runs in float32: the unscaled logits are sums of N products,
+large enough that bfloat16's 8-bit mantissa would move the softmax visibly, and the fire2
+inputs, the embeddings and the shifted regions are small next to the backbone.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class MutualAttentionFusion(nn.Module):
         Returns fused_bmode, fused_swe (B, S, S, C), the RAA outputs of `raa.alignment`, and the
         two handcrafted embeddings edge_bmode, colour_swe (B, S, S, C).
         """
+        f2_bmode, f2_swe = f2_bmode.astype(jnp.float32), f2_swe.astype(jnp.float32)
         size = f2_bmode.shape[1]
         align = raa.alignment(cam_bmode, cam_swe, size, self.faithful)
         edge = jnp.clip(self.conv1(avg_pool2(handcrafted.edge_map(bmode))), 0.0, 6.0)
@@ -99,5 +104,5 @@ class MutualAttentionFusion(nn.Module):
 
         With zero masks the attention is uniform, so every output channel is the channel mean.
         """
-        for f in (f2_bmode, f2_swe):
+        for f in (f2_bmode.astype(jnp.float32), f2_swe.astype(jnp.float32)):
             self._normalise(jnp.broadcast_to(f.mean(-1, keepdims=True), f.shape), True)

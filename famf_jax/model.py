@@ -9,9 +9,17 @@ Deviations (B-numbers of the spec): B25, Flax keeps the biased batch variance in
 average where PyTorch keeps the unbiased one (a relative difference of 1/(B*H*W - 1)). The rest
 are documented in cam.py, raa.py and maf.py. B11 (which passes write batch statistics) is the
 training step's business; `discarded_statistics` provides the original's side effect.
+
+`dtype=jnp.bfloat16` (config `model.bfloat16`) runs the two backbones in bfloat16 with float32
+parameters; float32 stay: batch-norm statistics and normalisation (layers.py), all of MAF and
+RAA (maf.py: handcrafted features, its convolutions, attention logits and softmax, the CAM-driven
+centres, masks and shifts), the pooled features, conv10, logits and softmax, so the CAMs
+(cam.py) and the losses see float32. Parameters and batch statistics are identical either way.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,6 +54,7 @@ class FAMFNet(nn.Module):
     faithful: bool = False
     modalities: tuple[str, ...] = ("bmode", "swe")
     scaled_attention: bool = False  # MAF's logits / sqrt(N) (see maf.py)
+    dtype: Any = None  # backbone compute dtype (None: float32); parameters stay float32
 
     def setup(self):
         for m in self.modalities:
@@ -67,6 +76,8 @@ class FAMFNet(nn.Module):
     def encode(self, x: jax.Array, modality: str, train: bool) -> jax.Array:
         """Stem and fire2 of one stream: (B, H, W, 3) -> (B, H/2, H/2, 128)."""
         stem = getattr(self, f"stem_{STREAM_SUFFIX[modality]}")
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         return self._fire(2, modality)(max_pool2(stem(x, train)), train)
 
     def trunk(self, x: jax.Array, f2: jax.Array, modality: str, train: bool) -> jax.Array:
@@ -100,6 +111,7 @@ class FAMFNet(nn.Module):
         inputs = {"bmode": bmode, "swe": swe}
         if f2 is None:
             f2 = {m: self.encode(inputs[m], m, train) for m in self.modalities}
+        f2 = {m: v.astype(self.dtype or v.dtype) for m, v in f2.items()}
         out = {f"f2_{m}": f2[m] for m in self.modalities}
         stream_in = dict(f2)
         if self.fused and warm:
@@ -107,14 +119,16 @@ class FAMFNet(nn.Module):
                 raise ValueError("warm=True needs cam_bmode and cam_swe")
             maf = self.muatt_1(f2["bmode"], f2["swe"], bmode, swe, cam_bmode, cam_swe, train)
             out.update(maf)
-            stream_in = {"bmode": maf["fused_bmode"], "swe": maf["fused_swe"]}
+            # MAF computes in float32; the trunks continue in the compute dtype.
+            stream_in = {m: maf[f"fused_{m}"].astype(f2[m].dtype) for m in self.modalities}
         elif self.fused and train and self.faithful:
             self.muatt_1.discarded_statistics(f2["bmode"], f2["swe"])
         f9 = {m: self.trunk(stream_in[m], f2[m], m, train) for m in self.modalities}
         out.update({f"f9_{m}": f9[m] for m in self.modalities})
         fused = jnp.concatenate([f9[m] for m in self.modalities], axis=-1)
         # conv10 is linear, so pooling first gives the same logits at 1/(h*w) of the cost.
-        pooled = fused.mean(axis=(1, 2), keepdims=True)
+        # Pooling, logits and softmax in float32: the CAMs and the losses read them.
+        pooled = fused.astype(jnp.float32).mean(axis=(1, 2), keepdims=True)
         logits = self.conv10(pooled)[:, 0, 0, :]
         out["logits"] = logits
         out["probs"] = jax.nn.softmax(logits, axis=-1)
