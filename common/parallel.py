@@ -75,17 +75,6 @@ def check_batch(batch_size: int, field: str, devices: int | None = None) -> None
         )
 
 
-def pad_rows(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
-    """`x` with its first axis padded (repeating the last row) to a multiple of `multiple`,
-    and the number of real rows: evaluation batches and window batches of any size then
-    split over the devices."""
-    n = len(x)
-    extra = -n % multiple
-    if extra:
-        x = np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
-    return x, n
-
-
 @dataclasses.dataclass(frozen=True)
 class Sharding:
     """The shardings of one run: `batch` (leading axis over the devices), `replicated`, and
@@ -123,6 +112,11 @@ class Sharding:
     def state(self, tree) -> Any:
         return jax.tree.map(self.leaf, tree)
 
+    def put_rows(self, batch) -> Any:
+        """Whole batches (a pytree of arrays whose first axis divides by the devices) of this
+        process -> arrays split along the mesh's devices (evaluation, `local()`)."""
+        return jax.device_put(batch, self.batch)
+
     def put_batch(self, batch) -> Any:
         """This process's rows of a global batch (a pytree of numpy arrays) -> global arrays
         sharded along the devices. One process: a plain sharded transfer."""
@@ -142,6 +136,18 @@ def jit_step(fn, shard: Sharding | None, state, **jit_kw):
         return jax.jit(fn, donate_argnums=0, **jit_kw)
     out = (shard.state(state), shard.replicated)
     return jax.jit(fn, out_shardings=out, donate_argnums=0, **jit_kw)
+
+
+def local() -> Sharding:
+    """Evaluation's shardings: this process's devices. Each process evaluates whole batches of
+    images or windows on its own devices, split along the batch, so evaluation needs no
+    collective (over several hosts each repeats it; process 0 writes the reports)."""
+    return Sharding(mesh(jax.local_devices()))
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `n` (batch sizes over devices)."""
+    return -(-n // multiple) * multiple
 
 
 def local_copy(tree):

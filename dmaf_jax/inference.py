@@ -7,8 +7,9 @@ masks inside one jitted call: one compilation serves any set of C combinations).
 Windows: the training crop, start positions per axis `0, s, 2s, ...` for ceil((S - W) / s)
 steps plus `S - W` (s = W * (1 - overlap)); a volume smaller than the window on some axis is
 padded with each channel's corner value and the prediction cropped back. The windows of a
-volume go through the network `windows_per_call` at a time (the last call padded by repeating
-a window, so the compiled shape never changes); softmax probabilities are summed per voxel
+volume go through the network `windows_per_call` at a time (rounded up to a multiple of this
+process's devices, which split each call's windows; the last call padded by repeating a window,
+so the compiled shape never changes); softmax probabilities are summed per voxel
 and divided by the number of windows covering it. `centre=True` (MyoPS, spec 7.3: "single
 256^2 slice forward pass, no sliding window") predicts only the centred crop training uses
 (padded as training pads) and background outside it. `predict(..., weights=True)` also averages
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import parallel
 from dmaf_jax import data
 from dmaf_jax.model import DMAFNet
 
@@ -72,9 +74,13 @@ class SlidingWindow:
         windows_per_call: int = 2,
         overlap: float = 0.5,
         centre: bool = False,
+        shard: parallel.Sharding | None = None,
     ):
         self.model, self.window = model, tuple(window)
-        self.windows_per_call, self.overlap, self.centre = windows_per_call, overlap, centre
+        self.overlap, self.centre = overlap, centre
+        # Each call's windows split over this process's devices: a multiple of their count.
+        self.shard = shard or parallel.local()
+        self.windows_per_call = parallel.round_up(windows_per_call, self.shard.devices)
 
         def encode(params, x):
             return model.apply({"params": params}, x, method=DMAFNet.encode)
@@ -128,13 +134,14 @@ class SlidingWindow:
         acc = np.zeros((len(masks), *full, self.model.num_classes), np.float32)
         att = np.zeros((len(masks), *full, masks.shape[1]), np.float32) if weights else None
         count = np.zeros(full, np.float32)
-        dev_masks = jnp.asarray(masks)
+        dev_masks = jax.device_put(masks, self.shard.replicated)
+        params = jax.device_put(params, self.shard.replicated)
         n = self.windows_per_call
         batches = [starts[i : i + n] for i in range(0, len(starts), n)]
         for group in progress(batches) if progress else batches:
             sl = [tuple(slice(o, o + w) for o, w in zip(s, self.window)) for s in group]
             x = np.stack([vol[s] for s in sl] + [vol[sl[-1]]] * (n - len(sl)))
-            feats = self.encode(params, jnp.asarray(x))
+            feats = self.encode(params, self.shard.put_rows(x))
             if weights:
                 probs, maps = jax.device_get(self.fuse_weights(params, feats, dev_masks))
             else:

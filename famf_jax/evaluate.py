@@ -111,7 +111,14 @@ def _overlay_rows(cfg, variables, records, n: int, warm: bool) -> list[dict]:
         return []
     picks = sorted(records, key=lambda r: -r.label)[:n]  # malignant first: the rarer class
     batch = next(iter(iterate(pipeline.eval_dataset(picks, image_config(cfg)), 0, len(picks))))
-    out = inference.predict(variables, batch["bmode"], batch["swe"], faithful=cfg.faithful)
+    out = inference.predict(
+        variables,
+        batch["bmode"],
+        batch["swe"],
+        faithful=cfg.faithful,
+        scaled_attention=cfg.model.scaled_attention,
+        bfloat16=cfg.model.bfloat16,
+    )
     if "cam_bmode" not in out:
         return []
     rows = []

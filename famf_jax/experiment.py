@@ -503,10 +503,13 @@ def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") -> np.ndarray:
-    """P(class 1) for each record, in order (eval mode, two passes, padded full batches).
+    """P(class 1) for each record, in order (eval mode, two passes, padded full batches split
+    over this process's devices: `eval.batch_size` rounded up to a multiple of their count).
 
     Read in process: evaluation sets are small, and worker start-up would cost more."""
-    bs = cfg.eval.batch_size
+    shard = parallel.local()
+    bs = parallel.round_up(cfg.eval.batch_size, shard.devices)
+    variables = jax.device_put(variables, shard.replicated)
     ds = pipeline.eval_dataset(records, image_config(cfg))
     batches = iterate(ds, workers=0, batch_size=bs, drop_remainder=False)
     probs = []
@@ -514,8 +517,8 @@ def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") 
         n = len(batch["label"])
         out = predict_core(
             variables,
-            jnp.asarray(_pad_to(batch["bmode"], bs)),
-            jnp.asarray(_pad_to(batch["swe"], bs)),
+            shard.put_rows(_pad_to(batch["bmode"], bs)),
+            shard.put_rows(_pad_to(batch["swe"], bs)),
             faithful=cfg.faithful,
             warm=warm,
             modalities=modalities(cfg),
