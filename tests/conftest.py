@@ -1,5 +1,6 @@
 """Shared test setup: CPU, a persistent compilation cache, absl flags parsed, tiny inputs."""
 
+import gc
 import os
 import pathlib
 import signal
@@ -25,6 +26,41 @@ if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 SHARED = REPO.parent / "shared"
+
+# DMAF-Net's smoke configuration with three levels instead of five and 16^3 crops: every part
+# of the training step (encoders, DMAF fusion, decoders, distillation, DTMS) at about a third
+# of the compile time and memory, for tests that compile several steps or run several
+# processes at once.
+DMAF_SHALLOW = {
+    "model.channels": (4, 8, 8),
+    "model.token_dim": 16,
+    "model.heads": 2,
+    "model.depth": 1,
+    "data.crop": (16, 16, 16),
+}
+
+
+def dmaf_shallow(cfg):
+    """`cfg` (a DMAF smoke config) with DMAF_SHALLOW applied."""
+    for key, value in DMAF_SHALLOW.items():
+        section, field = key.split(".")
+        cfg[section][field] = value
+    return cfg
+
+
+def dmaf_shallow_flags() -> list[str]:
+    """DMAF_SHALLOW as run.py flags."""
+    return [f"--config.{k}={v}".replace(" ", "") for k, v in DMAF_SHALLOW.items()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """A test process runs many modules (pytest-xdist, --dist loadfile), and JAX keeps every
+    compiled program in its caches: one worker grew to 13 GB here and was killed by the
+    kernel while the other ran a training subprocess. A finished module's programs go."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def signal_once(cmd, ready, sig=signal.SIGKILL, env=None, timeout: float = 900) -> int:
