@@ -1,9 +1,10 @@
-"""One of two processes of a DMAF smoke training run over localhost (tests/test_parallel.py):
-usage `two_process_train.py <process id> <port> <workdir> <data root> <out.json>`.
+"""`run.py` as one of several processes of a DMAF training run (tests/test_parallel.py), with a
+record of what it read: `two_process_train.py <out.json> <run.py flags...>`, JAX's standard
+variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) in the environment.
 
-Initialises jax.distributed from the standard environment variables (as `run.py` does), trains
-through `dmaf_jax.train.train` with a global batch of 2 (one row per process), and writes the
-case indices this process read per step and a checksum of its final parameters."""
+run.py initialises jax.distributed from them and trains as usual; this wrapper also writes to
+out.json the case indices this process put into each global batch, the device count and a
+checksum of the final parameters."""
 
 import hashlib
 import json
@@ -12,29 +13,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-pid, port, workdir, root, out_path = sys.argv[1:6]
-os.environ.update(
-    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=pid
-)
-
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app  # noqa: E402
 
-from common import parallel  # noqa: E402
-
-parallel.initialize()
-flags.FLAGS.mark_as_parsed()
-
-from configs import dmaf_brats2020  # noqa: E402
+import run  # noqa: E402
 from dmaf_jax import train  # noqa: E402
 
-cfg = dmaf_brats2020.get_config("smoke")
-cfg.data.root = root
-cfg.data.batch_size = 2
-cfg.train.log_every = 1
-
-read, final = [], []
+out_path = sys.argv.pop(1)
+read = []
 device_batch, train_loop = train.device_batch, train.train_loop
 
 
@@ -43,18 +29,18 @@ def recording_device_batch(cfg, batch, shard=None):
     return device_batch(cfg, batch, shard)
 
 
-def capturing_train_loop(*args, **kwargs):
+def recording_train_loop(*args, **kwargs):
+    import jax
+
     state, result = train_loop(*args, **kwargs)
-    final.append(state)
+    digest = hashlib.sha256()
+    for x in jax.tree.leaves(state.params):
+        digest.update(np.asarray(x.addressable_data(0)).tobytes())
+    record = {"read": read, "checksum": digest.hexdigest(), "devices": jax.device_count()}
+    with open(out_path, "w") as f:
+        json.dump(record, f)
     return state, result
 
 
-train.device_batch, train.train_loop = recording_device_batch, capturing_train_loop
-train.train(cfg, workdir)
-params = final[0].params
-digest = hashlib.sha256()
-for x in jax.tree.leaves(params):
-    digest.update(np.asarray(x.addressable_data(0)).tobytes())
-checksum = digest.hexdigest()
-with open(out_path, "w") as f:
-    json.dump({"read": read, "checksum": checksum, "devices": jax.device_count()}, f)
+train.device_batch, train.train_loop = recording_device_batch, recording_train_loop
+app.run(run.main, flags_parser=run._parse_flags)
