@@ -288,15 +288,6 @@ def validate_config(cfg) -> None:
         d.foreground_crop,
     )
     check_field(d.batch_size >= 1, "data.batch_size", "at least 1", d.batch_size)
-    import jax  # the backend, not a compilation
-
-    devices = jax.device_count()
-    check_field(
-        d.batch_size % devices == 0,
-        "data.batch_size",
-        f"a multiple of jax.device_count() = {devices}",
-        d.batch_size,
-    )
     check_field(d.workers >= 0, "data.workers", "at least 0", d.workers)
     if "max_replaced" in d:
         check_field(d.max_replaced >= 0, "data.max_replaced", "at least 0", d.max_replaced)
@@ -380,6 +371,16 @@ def prepare(
     need = dict(need or {})
     if for_training:
         need["train"] = max(need.get("train", 1), d.batch_size)
+        # Training's batch splits over the devices; evaluation pads its own windows.
+        import jax  # the backend, not a compilation
+
+        devices = jax.device_count()
+        check_field(
+            d.batch_size % devices == 0,
+            "data.batch_size",
+            f"a multiple of jax.device_count() = {devices}",
+            d.batch_size,
+        )
     # Checks: nothing is written before they pass.
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder")

@@ -79,7 +79,6 @@ def validate_config(cfg) -> None:
         section, key = name.split(".")
         if cfg[section][key] < 1:
             raise ValueError(f"{name} must be at least 1, not {cfg[section][key]}")
-    parallel.check_batch(cfg.train.batch_size, "train.batch_size")  # data-parallel split
     d, t, r, e = cfg.data, cfg.train, cfg.rdo, cfg.eval
     checks = [
         ("data.augmentation_prob", d.augmentation_prob, 0, 1, {}),

@@ -204,6 +204,8 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
 def train(cfg, workdir: str | pathlib.Path) -> list[TrainResult]:
     """Trains every fold; result k is fold k's."""
     validate_config(cfg)
+    # Training's batch splits over the devices; evaluation pads its own (any device count).
+    parallel.check_batch(cfg.train.batch_size, "train.batch_size")
     workdir = pathlib.Path(workdir)
     data = resolve_data(cfg, workdir, training=True)  # every check before anything is written
     workdir.mkdir(parents=True, exist_ok=True)

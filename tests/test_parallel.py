@@ -146,3 +146,22 @@ def test_two_processes_train_on_different_rows_to_equal_parameters_and_one_evalu
     assert ev.returncode == 0, ev.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(m["combinations"]) == ["flair"] and np.isfinite(m["average"]["wt"]["dice"])
+
+
+def test_only_training_needs_a_batch_that_divides_by_the_devices(monkeypatch):
+    # Evaluation, prediction, preprocessing and import pad their own batches: a training batch
+    # size that does not split over the devices must not stop them (DMAF's paper batch is 1).
+    import jax
+
+    from configs import dmaf_brats2020
+    from configs import famf as famf_config
+    from dmaf_jax import dataset as dmaf_dataset
+    from famf_jax import experiment as famf_experiment
+
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    famf = famf_config.get_config("smoke")
+    famf.train.batch_size = 3
+    famf_experiment.validate_config(famf)  # shared by every FAMF mode
+    dmaf = dmaf_brats2020.get_config("paper")
+    assert dmaf.data.batch_size == 1
+    dmaf_dataset.validate_config(dmaf)  # shared by every DMAF mode
