@@ -899,3 +899,36 @@ def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
     np.testing.assert_allclose(out_r["logits"], out["logits"], rtol=1e-4, atol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(g_r)):
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_remat_puts_the_blocks_under_checkpoint():
+    # The test above would pass if the switch did nothing: here the traced forward must hold
+    # jax.checkpoint equations with remat on (encoders, decoders, fusion), and none without.
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, 3), jnp.bool_)
+
+    def checkpoints(remat: bool) -> int:
+        cfg = tiny(dmaf_myops2020.get_config("smoke"))
+        cfg.model.remat = remat
+        net = experiment.model(cfg)
+        params = jax.eval_shape(lambda k: init_variables(net, k, (32, 32)), jax.random.key(0))
+
+        def forward(p, x, mask):
+            rngs = {"dropout": jax.random.key(1)}
+            return net.apply(p, x, mask, train=True, rngs=rngs)["logits"]
+
+        return count(jax.make_jaxpr(forward)(params, x, mask).jaxpr)
+
+    def count(jaxpr) -> int:  # nested jaxprs included (pjit, scan, checkpoint bodies)
+        n = 0
+        for e in jaxpr.eqns:
+            n += e.primitive.name in ("checkpoint", "remat", "remat2")
+            for v in e.params.values():
+                for sub in v if isinstance(v, tuple | list) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        n += count(sub)
+        return n
+
+    assert checkpoints(False) == 0
+    assert checkpoints(True) >= 3 * 5  # at least the encoder's three blocks per level
