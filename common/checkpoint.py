@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -32,6 +33,22 @@ _TMP = ocp.path.step.TMP_DIR_SUFFIX  # orbax's name mark of a save that has not 
 def _reason(err: BaseException) -> str:
     lines = str(err).splitlines()
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _placed(template: Any) -> Any:
+    """Template leaves without a sharding (`jax.eval_shape`'s) replicated over this run's
+    devices: orbax would otherwise place them as they were saved, and a checkpoint written by
+    several processes or devices then cannot be read by one ("Topology mismatch")."""
+    from common import parallel
+
+    replicated = parallel.Sharding(parallel.mesh()).replicated
+
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+        return x
+
+    return jax.tree.map(leaf, template)
 
 
 def _metric_getter(name: str):
@@ -171,7 +188,8 @@ class Checkpointer:
     def restore(self, step: int, state_template: Any, *, data_iterator: Any = None):
         """(state, meta) of `step`; `data_iterator`, if given, is moved to the saved position
         when the checkpoint holds one (otherwise it stays where it is)."""
-        items = {"state": ocp.args.StandardRestore(state_template), "meta": ocp.args.JsonRestore()}
+        template = _placed(state_template)
+        items = {"state": ocp.args.StandardRestore(template), "meta": ocp.args.JsonRestore()}
         if data_iterator is not None and self.has_data(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
