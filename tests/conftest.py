@@ -1,5 +1,6 @@
 """Shared test setup: CPU, a persistent compilation cache, absl flags parsed, tiny inputs."""
 
+import contextlib
 import gc
 import os
 import pathlib
@@ -115,15 +116,30 @@ def latest_step(ckpts: pathlib.Path) -> int:
     return max(int(p.name) for p in ckpts.glob("[0-9]*") if p.name.isdigit())
 
 
+@contextlib.contextmanager
+def fast_compile():
+    """XLA optimisations off for compilations inside (read at compile time, not traced):
+    compilation dominates the tiny models of tests on CPU."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
 
 
-def run_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python run.py *args` from the repository, output captured (the compile cache shared)."""
+def run_py(*args: str, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    """`python run.py *args` from the repository, output captured (the compile cache shared;
+    a later --compilation_cache in `args` wins). `env`: the whole environment, if given."""
     cmd = [sys.executable, str(REPO / "run.py"), f"--compilation_cache={REPO / '.jax_cache'}"]
-    return subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *culprits: str) -> str:

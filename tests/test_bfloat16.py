@@ -17,7 +17,6 @@ Compiled with XLA's optimisations off (`jax_disable_most_optimizations`): it hal
 compilation time here, and it is the stricter setting (no excess precision kept inside fusions).
 """
 
-import contextlib
 import itertools
 
 import jax
@@ -27,7 +26,7 @@ import pytest
 
 from configs import dmaf_brats2020
 from configs import famf as famf_config
-from conftest import dmaf_shallow
+from conftest import dmaf_shallow, fast_compile
 from dmaf_jax import experiment as dmaf_experiment
 from dmaf_jax import train as dmaf_train
 from famf_jax import experiment as famf_experiment
@@ -40,16 +39,6 @@ SPE = 5  # steps per epoch: the RDO agent becomes active after the first 5 (warm
 BOUND = 0.01  # relative, on the 20-step mean loss
 DMAF_WEIGHTS = np.array([0.94, 0.63, 0.46, 1.97], np.float32)  # w~ of mr2468 (spec 10.5)
 MASKS = [m for m in itertools.product([False, True], repeat=4) if any(m)]
-
-
-@contextlib.contextmanager
-def fast_compile():
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", old)
 
 
 def signature(tree):

@@ -15,7 +15,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 
 from common import metrics
 from configs import dmaf_brats2020, dmaf_myops2020
+from conftest import fast_compile
 from dmaf_jax import evaluate, experiment, predict, preprocess, synthetic
 from dmaf_jax.inference import (
     PerCombinationWindow,
@@ -37,11 +37,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compile():
-    # Compilation dominates these tiny models on CPU; XLA's optimisations are not needed.
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+    with fast_compile():
+        yield
 
 
 def brats_config():

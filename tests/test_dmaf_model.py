@@ -13,7 +13,6 @@ padded direct convolution, align-corners interpolation (scipy.ndimage.map_coordi
 means, the pre-norm transformer layer and the DMAF restore path.
 """
 
-import contextlib
 import itertools
 import math
 
@@ -28,6 +27,7 @@ from scipy.special import erf
 from common import optim
 from common.optim import ScaleByPytorchAmsgradState
 from configs import dmaf_brats2020, dmaf_myops2020
+from conftest import fast_compile
 from dmaf_jax import dtms, experiment, losses, train
 from dmaf_jax.fusion import DMAF, NEG, TransformerLayer
 from dmaf_jax.layers import PreNormConv, avg_pool, instance_norm, resize_align_corners, upsample
@@ -42,17 +42,6 @@ ALL_MASKS = [m for m in itertools.product([False, True], repeat=4) if any(m)]
 
 def compile_fast(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=NOOPT)
-
-
-@contextlib.contextmanager
-def fast_compile():
-    """XLA optimisations off for compilations inside (read at compile time, not traced)."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", old)
 
 
 def tiny(cfg):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_one_line_error, dmaf_shallow_flags
+from conftest import REPO, assert_one_line_error, dmaf_shallow_flags, run_py
 
 FOUR = dict(
     os.environ,
@@ -29,19 +29,8 @@ FOUR = dict(
     ],
 )
 def test_a_global_batch_that_does_not_divide_by_the_devices_stops_at_once(tmp_path, config, field):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "run.py"),
-            f"--config={config}",
-            f"--workdir={tmp_path / 'w'}",
-            f"--config.{field}=3",
-        ],
-        cwd=REPO,
-        env=FOUR,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_py(
+        f"--config={config}", f"--workdir={tmp_path / 'w'}", f"--config.{field}=3", env=FOUR
     )
     assert_one_line_error(proc, field, "3", "4")
     assert not (tmp_path / "w").exists()
@@ -100,10 +89,8 @@ def test_two_processes_train_on_different_rows_to_equal_parameters_and_one_evalu
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     env.pop("XLA_FLAGS", None)
-    pre = subprocess.run(
-        [sys.executable, "run.py", *flags, "--mode=preprocess"], cwd=REPO, env=env, timeout=600
-    )
-    assert pre.returncode == 0  # the two processes then read the same preprocessed cases
+    pre = run_py(*flags, "--mode=preprocess", timeout=600, env=env)
+    assert pre.returncode == 0, pre.stderr[-3000:]  # both processes read these cases
 
     port = free_port()
     script = str(REPO / "tests/scripts/two_process_train.py")
@@ -135,13 +122,8 @@ def test_two_processes_train_on_different_rows_to_equal_parameters_and_one_evalu
         assert len(ra) == len(rb) == 1 and set(ra).isdisjoint(rb), (a["read"], b["read"])
     assert a["checksum"] == b["checksum"]
 
-    ev = subprocess.run(
-        [sys.executable, "run.py", *flags, "--mode=evaluate", "--config.eval.combinations=flair"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    ev = run_py(
+        *flags, "--mode=evaluate", "--config.eval.combinations=flair", timeout=1200, env=env
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
