@@ -31,8 +31,12 @@ def all_finite(tree) -> jax.Array:
 
 
 def keep_if(ok: jax.Array, new: T, old: T) -> T:
-    """`new` where `ok`, else `old`, leaf by leaf (the same tree structure)."""
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    """`new` if `ok`, else `old` (the same tree structure and types).
+
+    One `lax.cond` over the whole state rather than a `where` per leaf: with a select per
+    leaf XLA took 230 s to compile DMAF-Net's smoke training step on CPU (1217 state leaves),
+    with the cond 82 s, and the step ran as fast (1.82 s against 1.90 s)."""
+    return jax.lax.cond(ok, lambda: new, lambda: old)
 
 
 def skipped(ok: jax.Array) -> jax.Array:
