@@ -1,6 +1,5 @@
 """Shared test setup: CPU, a persistent compilation cache, absl flags parsed, tiny inputs."""
 
-import contextlib
 import gc
 import os
 import pathlib
@@ -10,6 +9,10 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's optimisations off, here and in every run.py subprocess (which inherits the
+# environment), as flax's example tests do: compilation dominates the tiny models of tests
+# on CPU, the programs are the same, and no excess precision is kept inside fusions.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -114,18 +117,6 @@ def session_processes(sid: int) -> list[int]:
 
 def latest_step(ckpts: pathlib.Path) -> int:
     return max(int(p.name) for p in ckpts.glob("[0-9]*") if p.name.isdigit())
-
-
-@contextlib.contextmanager
-def fast_compile():
-    """XLA optimisations off for compilations inside (read at compile time, not traced):
-    compilation dominates the tiny models of tests on CPU."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ before each of them one bfloat16 step on the same batch. The bound is on the 20-
   about tenfold by fire9, so single batches of 4 move by up to 3 % (1 % on average), in both
   directions. A part kept in bfloat16 that should not be biases the mean instead.
 
-Compiled with XLA's optimisations off (`jax_disable_most_optimizations`): it halves the
-compilation time here, and it is the stricter setting (no excess precision kept inside fusions).
+Compiled with XLA's optimisations off (conftest): the stricter setting, no excess precision
+kept inside fusions.
 """
 
 import itertools
@@ -26,7 +26,7 @@ import pytest
 
 from configs import dmaf_brats2020
 from configs import famf as famf_config
-from conftest import dmaf_shallow, fast_compile
+from conftest import dmaf_shallow
 from dmaf_jax import experiment as dmaf_experiment
 from dmaf_jax import train as dmaf_train
 from famf_jax import experiment as famf_experiment
@@ -103,18 +103,17 @@ def famf():
     cfg = famf_cfg(False)
     state, tx = famf_experiment.create_state(cfg, SPE)
     state16, _ = famf_experiment.create_state(famf_cfg(True), SPE)
-    with fast_compile():
-        step32 = famf_train.jit_train_step(cfg, tx)
-        step16 = famf_train.jit_train_step(famf_cfg(True), tx)
+    step32 = famf_train.jit_train_step(cfg, tx)
+    step16 = famf_train.jit_train_step(famf_cfg(True), tx)
 
-        def call(step, st, batch, i):
-            # MAF on from the first step: the warm step holds every part (the float32 CAM pass,
-            # a bfloat16 main pass from the stem on, RAA and MAF), one compilation per dtype.
-            _, active, new_epoch = famf_train.step_flags(cfg, i, SPE)
-            return step(st, batch, jnp.asarray(active), jnp.asarray(new_epoch), warm=True)
+    def call(step, st, batch, i):
+        # MAF on from the first step: the warm step holds every part (the float32 CAM pass,
+        # a bfloat16 main pass from the stem on, RAA and MAF), one compilation per dtype.
+        _, active, new_epoch = famf_train.step_flags(cfg, i, SPE)
+        return step(st, batch, jnp.asarray(active), jnp.asarray(new_epoch), warm=True)
 
-        batches = [famf_batch(i) for i in range(STEPS)]
-        ref, low, final, final16 = shadowed_run(step32, step16, state, batches, call)
+    batches = [famf_batch(i) for i in range(STEPS)]
+    ref, low, final, final16 = shadowed_run(step32, step16, state, batches, call)
     return dict(cfg=cfg, initial16=state16, ref=ref, low=low, final=final, final16=final16)
 
 
@@ -140,9 +139,8 @@ def test_famf_bfloat16_keeps_the_cam_pass_and_raa_float32(famf):
     variables = famf["final"].variables
     batch = famf_batch(STEPS)
     kw = dict(faithful=False, warm=True, modalities=("bmode", "swe"))
-    with fast_compile():
-        ref = inference.predict_core(variables, batch["bmode"], batch["swe"], **kw)
-        low = inference.predict_core(variables, batch["bmode"], batch["swe"], bfloat16=True, **kw)
+    ref = inference.predict_core(variables, batch["bmode"], batch["swe"], **kw)
+    low = inference.predict_core(variables, batch["bmode"], batch["swe"], bfloat16=True, **kw)
     for k in ("centre_bmode", "centre_swe"):
         np.testing.assert_array_equal(low[k], ref[k])
     for k in ("cam_bmode", "cam_swe", "fused_bmode", "fused_swe", "probs"):
@@ -201,13 +199,12 @@ def dmaf():
     cfg16.model.bfloat16 = True
     state, tx = dmaf_experiment.create_state(cfg, SPE)
     state16, _ = dmaf_experiment.create_state(cfg16, SPE)
-    with fast_compile():
-        step32 = dmaf_train.jit_train_step(cfg, tx, SPE, DMAF_WEIGHTS)
-        step16 = dmaf_train.jit_train_step(cfg16, tx, SPE, DMAF_WEIGHTS)
-        batches = [dmaf_batch(cfg, i) for i in range(STEPS)]
-        ref, low, final, final16 = shadowed_run(
-            step32, step16, state, batches, lambda step, st, batch, i: step(st, batch)
-        )
+    step32 = dmaf_train.jit_train_step(cfg, tx, SPE, DMAF_WEIGHTS)
+    step16 = dmaf_train.jit_train_step(cfg16, tx, SPE, DMAF_WEIGHTS)
+    batches = [dmaf_batch(cfg, i) for i in range(STEPS)]
+    ref, low, final, final16 = shadowed_run(
+        step32, step16, state, batches, lambda step, st, batch, i: step(st, batch)
+    )
     return dict(initial16=state16, ref=ref, low=low, final=final, final16=final16)
 
 

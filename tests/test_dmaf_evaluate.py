@@ -22,7 +22,6 @@ import pytest
 
 from common import metrics
 from configs import dmaf_brats2020, dmaf_myops2020
-from conftest import fast_compile
 from dmaf_jax import evaluate, experiment, predict, preprocess, synthetic
 from dmaf_jax.inference import (
     PerCombinationWindow,
@@ -33,12 +32,6 @@ from dmaf_jax.inference import (
 from dmaf_jax.modalities import BRATS, MYOPS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    with fast_compile():
-        yield
 
 
 def brats_config():

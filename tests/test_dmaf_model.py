@@ -27,21 +27,19 @@ from scipy.special import erf
 from common import optim
 from common.optim import ScaleByPytorchAmsgradState
 from configs import dmaf_brats2020, dmaf_myops2020
-from conftest import fast_compile
 from dmaf_jax import dtms, experiment, losses, train
 from dmaf_jax.fusion import DMAF, NEG, TransformerLayer
 from dmaf_jax.layers import PreNormConv, avg_pool, instance_norm, resize_align_corners, upsample
 from dmaf_jax.model import DMAFNet, Encoder, FusionDecoder, SharedDecoder, init_variables
 
 TINY = dict(channels=(4, 8, 8, 16, 16), token_dim=16, heads=2, depth=1, mlp=32)
-NOOPT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SPE = 2  # steps per epoch of the step tests: epoch closes and ramps within a few steps
 WEIGHTS = np.array([0.94, 0.63, 0.46, 1.97], np.float32)  # w~ of mr2468 (spec 10.5)
 ALL_MASKS = [m for m in itertools.product([False, True], repeat=4) if any(m)]
 
 
 def compile_fast(fn, *args):
-    return jax.jit(fn).lower(*args).compile(compiler_options=NOOPT)
+    return jax.jit(fn).lower(*args).compile()
 
 
 def tiny(cfg):
@@ -417,8 +415,7 @@ def cfg3():
 def created(cfg3):
     """(state, tx) from experiment.create_state; its params are never donated (the step tests
     run on copies)."""
-    with fast_compile():
-        return experiment.create_state(cfg3, SPE)
+    return experiment.create_state(cfg3, SPE)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ log (every loss term, betas, factors and gaps per modality), the DTMS plot, and 
 with SIGKILL that resumes to the same parameters, bit for bit, as an uninterrupted one."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -35,16 +34,10 @@ def command(config, workdir, *overrides, mode="train"):
     ]
 
 
-# Compilation dominates these short runs; XLA's cheaper pipeline halves it (as flax's example
-# tests do). Both sides of every comparison run with the same setting.
-ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-
-
 def run(config, workdir, *overrides, mode="train"):
     out = subprocess.run(
         command(config, workdir, *overrides, mode=mode),
         cwd=REPO,
-        env=ENV,
         capture_output=True,
         text=True,
         timeout=1800,
@@ -134,12 +127,12 @@ def test_sigkill_and_sigterm_at_random_steps_resume_bit_identical(tmp_path):
     # One Grain worker process in this lineage: its batches equal the in-process ones.
     cmd = command(config, killed, *overrides, "--config.data.workers=1")
     k1 = rng.randrange(0, 2)  # killed after step k1 + 1 is logged, during step 2 or later
-    signal_once(cmd, rows_after(killed, k1), signal.SIGKILL, env=ENV)
+    signal_once(cmd, rows_after(killed, k1), signal.SIGKILL)
     resumed = latest_step(ckpts) if any(ckpts.glob("[0-9]*")) else 0
     assert resumed < 4, f"SIGKILL after step {k1 + 1} came too late to test a resume"
 
     k2 = rng.randrange(resumed, 3)
-    code = signal_once(cmd, rows_after(killed, k2), signal.SIGTERM, env=ENV)
+    code = signal_once(cmd, rows_after(killed, k2), signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, f"SIGTERM after step {k2 + 1}: exit {code}"
     from dmaf_jax import experiment
 

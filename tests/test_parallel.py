@@ -1,6 +1,6 @@
 """Data parallelism on 4 forced CPU devices, and a DMAF run over 2 processes on localhost, in
 subprocesses (the device count is fixed when JAX starts). Compiled with XLA's optimisations
-off: the programs are the same, and they compile in a fraction of the time."""
+off (conftest sets it for every subprocess)."""
 
 import json
 import os
@@ -17,7 +17,6 @@ FOUR = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
     XLA_FLAGS="--xla_force_host_platform_device_count=4",
-    JAX_DISABLE_MOST_OPTIMIZATIONS="1",
 )
 
 
@@ -87,7 +86,7 @@ def test_two_processes_train_on_different_rows_to_equal_parameters_and_one_evalu
         "--compilation_cache=",
         *dmaf_shallow_flags(),  # two compilations at once: the five-level one needs 6.5 GB each
     ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     pre = run_py(*flags, "--mode=preprocess", timeout=600, env=env)
     assert pre.returncode == 0, pre.stderr[-3000:]  # both processes read these cases

@@ -1,7 +1,6 @@
 """End-to-end FAMF training on generated data, resume equality, and the jitted step's purity."""
 
 import json
-import subprocess
 import sys
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
 from common import optim
 from configs import famf as famf_config
 from conftest import REPO, latest_step, sigkill_once
@@ -28,13 +28,7 @@ def smoke(**overrides):
 
 
 def run_py(*args):
-    cmd = [
-        sys.executable,
-        str(REPO / "run.py"),
-        f"--compilation_cache={REPO / '.jax_cache'}",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    return conftest.run_py(*args, timeout=1800)
 
 
 @pytest.mark.slow
