@@ -61,19 +61,42 @@ def final_params(workdir):
     return step, params
 
 
+def brats_flags(root):
+    """The BraTS smoke run's flags with its data under <root>/data (raw cases written by
+    `brats_straight`, preprocessed by the first run), a log row flushed per step."""
+    return [f"--config.data.root={root / 'data' / 'pre'}", "--config.train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def brats_straight(tmp_path_factory):
+    """(root, output) of one uninterrupted BraTS smoke run in <root>/straight: 2 epochs of 2
+    steps, shared by the log test and the kill test below."""
+    from dmaf_jax import synthetic
+
+    root = tmp_path_factory.mktemp("brats")
+    synthetic.write_brats(root / "data" / "raw", 6, (40, 44, 36), seed=1037)
+    raw = f"--config.data.raw_dir={root / 'data' / 'raw'}"
+    return root, run(CONFIGS["brats2020"], root / "straight", *brats_flags(root), raw)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", sorted(CONFIGS))
-def test_run_py_trains_logs_and_plots(tmp_path, dataset):
+def test_run_py_trains_logs_and_plots(tmp_path, dataset, request):
     spec_modalities = {
         "brats2020": ("flair", "t1ce", "t1", "t2"),
         "myops2020": ("bssfp", "lge", "t2"),
     }
-    out = run(CONFIGS[dataset], tmp_path)
-    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    if dataset == "brats2020":
+        root, out = request.getfixturevalue("brats_straight")
+        workdir = root / "straight"
+    else:
+        workdir = tmp_path
+        out = run(CONFIGS[dataset], workdir)
+    summary = json.loads((workdir / "train_summary.json").read_text())
     n = summary["last"]["step"]  # 2 epochs: BraTS 4 steps, MyoPS 8 (more slices)
     assert n == {"brats2020": 4, "myops2020": 8}[dataset]
     assert f"last checkpoint: step {n}" in out.stdout
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = read_jsonl(workdir / "metrics.jsonl")
     step_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in step_rows] == list(range(1, n + 1))
     for key in ("loss/fuse", "loss/ds", "loss/sep", "loss/cov", "loss/att", "loss/proto"):
@@ -81,7 +104,7 @@ def test_run_py_trains_logs_and_plots(tmp_path, dataset):
     for name in ("beta", "factor", "gap", "rho"):
         for m in spec_modalities[dataset]:
             assert f"{name}/{m}" in step_rows[-1]
-    assert (tmp_path / "dtms.png").stat().st_size > 0
+    assert (workdir / "dtms.png").stat().st_size > 0
     if dataset == "brats2020":  # a validation split: Dice logged and the best chosen by it
         assert any("valid/dice" in r for r in rows)
         assert summary["best"]["dice"]["step"] in (2, 4)
@@ -105,21 +128,16 @@ def rows_after(workdir, step: int):
 
 
 @pytest.mark.slow
-def test_sigkill_and_sigterm_at_random_steps_resume_bit_identical(tmp_path):
+def test_sigkill_and_sigterm_at_random_steps_resume_bit_identical(brats_straight, tmp_path):
     """SIGKILL at a random step, a restart, SIGTERM (to the whole process group, Grain worker
     included) at a random later step, a restart to the end: the parameters equal an
     uninterrupted run's bit for bit, every step is logged once, and no process outlives a
     kill (signal_once checks the session)."""
     config = CONFIGS["brats2020"]
-    data = tmp_path / "data"
-    # Both lineages read the same preprocessed data (prepared by the first), with the smoke
-    # schedule of the other test (2 epochs of 2 steps), so all share one compiled step.
-    overrides = [f"--config.data.root={data / 'pre'}", "--config.train.log_every=1"]
-    raw = [f"--config.data.raw_dir={data / 'raw'}"]
-    from dmaf_jax import synthetic
-
-    synthetic.write_brats(data / "raw", 6, (40, 44, 36), seed=1037)
-    run(config, tmp_path / "straight", *overrides, *raw)
+    # Both lineages read the same preprocessed data (prepared by the straight run), with the
+    # same schedule (2 epochs of 2 steps), so all share one compiled step.
+    root, _ = brats_straight
+    overrides = brats_flags(root)
 
     rng = random.Random()
     killed = tmp_path / "killed"
@@ -144,7 +162,7 @@ def test_sigkill_and_sigterm_at_random_steps_resume_bit_identical(tmp_path):
     ckpt.close()
 
     run(config, killed, *overrides, "--config.data.workers=1")  # a resume keeps the pipeline
-    s1, a = final_params(tmp_path / "straight")
+    s1, a = final_params(root / "straight")
     s2, b = final_params(killed)
     assert s1 == s2 == 4, (k1, k2)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -31,12 +31,26 @@ def run_py(*args):
     return conftest.run_py(*args, timeout=1800)
 
 
-@pytest.mark.slow
-def test_run_py_train_evaluate_predict(tmp_path):
-    work = tmp_path / "w"
-    base = ["--config", "configs/famf.py:smoke", f"--workdir={work}"]
-    r = run_py(*base, "--mode=train")
+def smoke_flags(root):
+    """run.py flags of the smoke configuration with its generated data in <root>/data: 2 epochs
+    of 6 steps."""
+    data = f"--config.data.synthetic_dir={root / 'data'}"
+    return ["--config", "configs/famf.py:smoke", data, "--config.train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted smoke training run through run.py, shared by the tests below."""
+    root = tmp_path_factory.mktemp("famf")
+    r = run_py(*smoke_flags(root), "--mode=train", f"--workdir={root / 'straight'}")
     assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_run_py_train_evaluate_predict(straight):
+    work = straight / "straight"
+    base = [*smoke_flags(straight), f"--workdir={work}"]
     r = run_py(*base, "--mode=evaluate")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test: accuracy" in r.stdout
@@ -56,7 +70,9 @@ def test_run_py_train_evaluate_predict(tmp_path):
     assert len(steps) == 12  # 2 epochs of 24 training patients / batch 4
     assert {"loss", "gamma", "reward", "dqn_loss"} <= set(steps[-1])
     assert sum("train/accuracy" in r for r in rows) == 2 and any("valid/roc_auc" in r for r in rows)
-    r = run_py(*base, "--mode=predict", f"--config.predict.input={work / 'data' / 'manifest.csv'}")
+    r = run_py(
+        *base, "--mode=predict", f"--config.predict.input={straight / 'data' / 'manifest.csv'}"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = (work / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("patient_id,prob_malignant,prob_calibrated,malignant")
@@ -102,14 +118,11 @@ def final_params(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+def test_sigkill_then_resume_is_bit_identical(straight, tmp_path):
     # Issue 7: resume after SIGKILL ends bit-identical, for both models (DMAF's twin is in
     # test_dmaf_train.py). Both runs share the generated data: 2 epochs of 6 steps, the kill
     # once the epoch-1 checkpoint is written.
-    data = f"--config.data.synthetic_dir={tmp_path / 'data'}"
-    args = ["--config", "configs/famf.py:smoke", data, "--config.train.epochs=2", "--mode=train"]
-    r = run_py(*args, f"--workdir={tmp_path / 'straight'}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    args = [*smoke_flags(straight), "--mode=train"]
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "run.py"), f"--compilation_cache={REPO / '.jax_cache'}"]
     ckpts = killed / "fold_0" / "checkpoints"
@@ -119,7 +132,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert latest_step(ckpts) < 12, "killed too late to test a resume"
     r = run_py(*args, f"--workdir={killed}")
     assert r.returncode == 0, r.stderr[-3000:]
-    s1, a = final_params(tmp_path / "straight")
+    s1, a = final_params(straight / "straight")
     s2, b = final_params(killed)
     assert s1 == s2 == 12
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
