@@ -117,6 +117,12 @@ def _run(cfg, mode: str) -> None:
         parallel.initialize(p.coordinator, p.num_processes, p.process_id)
         if not parallel.is_main():
             logging.set_verbosity(logging.WARNING)  # process 0 logs and reports
+        if parallel.jax.process_count() > 1 and mode != "train":
+            raise ValueError(
+                f"--mode={mode} runs as one process (it needs no collective, and each process "
+                "would repeat it and write the same files): start it without "
+                "JAX_COORDINATOR_ADDRESS and config.parallel.coordinator"
+            )
     workdir = _workdir(cfg)
     logging.info("config %s:%s, mode %s, workdir %s", cfg.model_name, cfg.variant, mode, workdir)
     if cfg.model_name == "famf":

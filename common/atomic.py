@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pathlib
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,8 @@ def path(final: str | pathlib.Path) -> Iterator[pathlib.Path]:
     matplotlib choose the format by them); renames it to `final` if the block succeeds and
     removes it otherwise."""
     final = pathlib.Path(final)
-    tmp = final.with_name(f".tmp{os.getpid()}.{final.name}")
+    # Host and pid: processes of one run on several machines share a file system.
+    tmp = final.with_name(f".tmp.{socket.gethostname()}.{os.getpid()}.{final.name}")
     try:
         yield tmp
         os.replace(tmp, final)

@@ -35,7 +35,9 @@ def keep_if(ok: jax.Array, new: T, old: T) -> T:
 
     One `lax.cond` over the whole state rather than a `where` per leaf: with a select per
     leaf XLA took 230 s to compile DMAF-Net's smoke training step on CPU (1217 state leaves),
-    with the cond 82 s, and the step ran as fast (1.82 s against 1.90 s)."""
+    with the cond 82 s; the step ran as fast (1.82 s against 1.90 s) in as little memory (XLA's
+    analysis: 308 MiB of temporaries against 314). On a GPU the predicate may be read by the
+    host once per step, a small wait at the end of a step."""
     return jax.lax.cond(ok, lambda: new, lambda: old)
 
 

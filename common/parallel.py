@@ -60,6 +60,69 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def _client():
+    from jax._src import distributed  # jax.distributed's own coordination-service client
+
+    return distributed.global_state.client
+
+
+def barrier(name: str, hours: float = 24) -> None:
+    """Every process waits here until all have arrived (none: a single process). The
+    coordination service's barrier, not a device collective: process 0 may spend an hour
+    preprocessing while the others wait, longer than collectives wait."""
+    if jax.process_count() == 1:
+        return
+    _client().wait_at_barrier(name, int(hours * 3600 * 1000))
+
+
+class MainFailed(ValueError):
+    """Raised on the other processes when `main_first`'s function failed on process 0."""
+
+
+def main_first(fn, name: str):
+    """`fn()` on process 0, then on the others: it writes files (data preparation) that they
+    then find ready and only read. If it fails on process 0, the others raise `MainFailed`
+    with its message after the barrier instead of running it themselves."""
+    if jax.process_count() == 1:
+        return fn()
+    if is_main():
+        try:
+            return fn()
+        except BaseException as e:
+            _client().key_value_set(f"{name}/failed", f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            barrier(name)
+    barrier(name)
+    try:
+        failed = _client().key_value_try_get(f"{name}/failed")
+    except jax.errors.JaxRuntimeError:  # NOT_FOUND: process 0 succeeded
+        failed = None
+    if failed:
+        raise MainFailed(f"process 0 failed ({name}): {failed}")
+    return fn()
+
+
+def assert_same(obj, what: str) -> None:
+    """Every process holds the same `obj` (JSON-able): decisions each process derived from
+    files (cases found, splits, masks) must agree, or the run would diverge or hang."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+    import json
+
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).digest()
+    every = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))
+    differ = [k for k in range(len(every)) if not np.array_equal(every[k], every[0])]
+    if differ:
+        raise ValueError(
+            f"processes {differ} disagree with process 0 on {what}: every process must see "
+            "the same data files (a shared file system, fully written)"
+        )
+
+
 def mesh(devices=None) -> Mesh:
     """A 1-D mesh over `devices` (default: every device of every process)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
@@ -94,6 +157,15 @@ class Sharding:
     @property
     def devices(self) -> int:
         return self.mesh.devices.size
+
+    def describe(self, batch_size: int) -> str:
+        """One log line: the devices, processes and how a global batch splits over them."""
+        n, procs = self.devices, jax.process_count()
+        state = "FSDP-split" if self.fsdp else "replicated"
+        return (
+            f"data parallel over {n} device(s) in {procs} process(es): global batch "
+            f"{batch_size}, {batch_size // n} per device; state {state}"
+        )
 
     def leaf(self, x) -> NamedSharding:
         """FSDP: the largest axis that divides by the device count is split; else

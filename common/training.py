@@ -66,13 +66,19 @@ What the loop does:
 - A host batch may carry `replaced` (per element: how many unusable elements, an unreadable
   file or NaN values, its loader replaced by the next usable one, see
   `common.loader.first_usable`); it is removed before `to_device`, and more than
-  `max_replaced` in the run raise `Stopped`. Both counts are saved in each checkpoint's meta
-  (`skipped_steps`, `replaced_elements`), so they add up over resumed runs, and reported in
-  the summary.
+  `max_replaced` in the run raise `Stopped` (over several processes, which each read their
+  own rows, the counts are summed at every log flush, so all stop at the same step). Both
+  counts are saved in each checkpoint's meta (`skipped_steps`, `replaced_elements`), so they
+  add up over resumed runs, and reported in the summary.
 - SIGINT and SIGTERM (in the main thread) end the step that is running (and, on an epoch's
   last step, that epoch's logging, evaluation and checkpoint), flush its rows, save a
   checkpoint there with the data position (meta `interrupted`: the signal's name) unless one
-  was just saved, and raise `Interrupted`; the next call resumes from it exactly.
+  was just saved, and raise `Interrupted`; the next call resumes from it exactly. Over several
+  processes every process must stop at the same step (the checkpoint is collective, and a
+  process that went on would wait for the others forever): SIGTERM to any of them is left to
+  JAX's preemption service, whose `reached_preemption_sync_point`, asked at every step, turns
+  true at the same step everywhere; SIGINT keeps its default there (a process ended by it is
+  noticed by the coordination service, which stops the others).
 - Returns the final state and a `TrainResult`, also written to `<workdir>/train_summary.json`:
   per criterion the best step and its metrics, the latest checkpoint's step, epoch and metrics,
   the counts of skipped steps and replaced elements, and the seconds this call took.
@@ -82,7 +88,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
+import os
 import pathlib
 import signal
 import threading
@@ -126,20 +134,54 @@ class Interrupted(Exception):
         super().__init__(f"{name}: checkpoint saved at step {step}; --mode=train resumes there")
 
 
+_CAUGHT = (signal.SIGINT, signal.SIGTERM)
+# Calls of reached_preemption_sync_point in this process: the service compares every process's
+# count of calls, which must grow by one per call and be equal across processes at each step
+# (a training step number would not be: resumed runs and FAMF's folds restart it).
+_sync_calls = itertools.count(1)
+
+
 @contextlib.contextmanager
 def _signals_caught(received: list[int]):
     """SIGINT/SIGTERM append to `received` instead of killing the process (main thread only;
-    elsewhere signals cannot be handled and keep their default action)."""
+    elsewhere signals cannot be handled and keep their default action). Over several
+    processes SIGTERM is left to JAX's preemption service (see `_stop_signal`) and SIGINT
+    (Ctrl-C) is turned into a SIGTERM to this process, so it stops every process too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    catch = (signal.SIGINT, signal.SIGTERM)
-    old = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in catch}
+    if jax.process_count() > 1:
+        handlers = {signal.SIGINT: lambda *_: os.kill(os.getpid(), signal.SIGTERM)}
+    else:
+        handlers = {s: lambda signum, _: received.append(signum) for s in _CAUGHT}
+    old = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         yield
     finally:
         for s, handler in old.items():
-            signal.signal(s, handler)
+            # None: a handler not installed from Python (JAX's own SIGTERM notifier).
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _stop_signal(received: list[int]) -> int | None:
+    """The signal to stop on after the step just done, or None. One process: the first caught.
+    Several: SIGTERM once JAX's preemption service says every process has reached the same
+    step after a SIGTERM to any of them (asked after every step, by every process)."""
+    if jax.process_count() == 1:
+        return received[0] if received else None
+    from jax.experimental import multihost_utils
+
+    reached = multihost_utils.reached_preemption_sync_point(next(_sync_calls))
+    return signal.SIGTERM if reached else None
+
+
+def _sum_over_processes(n: int) -> int:
+    """`n` summed over the processes (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int64(n))))
 
 
 def _step_of(state) -> int:
@@ -291,7 +333,8 @@ def train_loop(
         logging.info("%s: dropped %d metric rows after step %d", desc, dropped, start)
     log = _StepLog(writer, log_exclude, vector_labels or {})
     log.skipped = int(saved.get("skipped_steps") or 0)
-    replaced = int(saved.get("replaced_elements") or 0)
+    replaced = int(saved.get("replaced_elements") or 0)  # over the whole run and processes
+    replaced_here = 0  # by this process since the last sum over the processes
     bar = progress(total=total, initial=start, desc=desc)
     received: list[int] = []
 
@@ -316,10 +359,12 @@ def train_loop(
                 "NaN in the data or lower the learning rate"
             )
 
-    def stop(done: int) -> None:
+    def stop(signum: int, done: int) -> None:
         """After a signal, with `done` steps complete (and their epoch's end handled): flush,
         checkpoint there unless the epoch's end just did, and raise Interrupted."""
-        name = signal.Signals(received[0]).name
+        nonlocal replaced, replaced_here
+        name = signal.Signals(signum).name
+        replaced, replaced_here = replaced + _sum_over_processes(replaced_here), 0
         last_epoch = (done - 1) // steps_per_epoch
         if log.pending:
             log.flush(done, last_epoch)
@@ -335,11 +380,25 @@ def train_loop(
         bar.close()
         writer.close()
         logging.warning("%s: %s after step %d: checkpoint saved", desc, name, done)
-        raise Interrupted(received[0], done)
+        raise Interrupted(signum, done)
+
+    def check_replaced(step: int) -> None:
+        """Stopped once more than `max_replaced` elements were replaced, by `step` + 1."""
+        nonlocal replaced, replaced_here
+        replaced += _sum_over_processes(replaced_here)
+        replaced_here = 0
+        if replaced > max_replaced:
+            bar.close()
+            writer.close()
+            raise Stopped(
+                f"{desc}: {replaced} unusable data elements replaced by step {step + 1}, "
+                f"more than the limit of {max_replaced} (the warnings above name "
+                f"them); {last_checkpoint()}"
+            )
 
     def load(step: int) -> Any:
         """The batch of `step`, put on the devices."""
-        nonlocal replaced
+        nonlocal replaced_here
         try:
             batch = next(data)
         except StopIteration:
@@ -349,15 +408,9 @@ def train_loop(
         if isinstance(batch, Mapping) and "replaced" in batch:
             batch = dict(batch)
             n = int(np.sum(batch.pop("replaced")))
-            replaced += n
-            if n and replaced > max_replaced:
-                bar.close()
-                writer.close()
-                raise Stopped(
-                    f"{desc}: {replaced} unusable data elements replaced by step {step + 1}, "
-                    f"more than the limit of {max_replaced} (the warnings above name "
-                    f"them); {last_checkpoint()}"
-                )
+            replaced_here += n
+            if n and jax.process_count() == 1:  # several: at the next flush, together
+                check_replaced(step)
         return to_device(batch)
 
     def after_step(step: int, out: dict) -> None:
@@ -370,6 +423,8 @@ def train_loop(
             return
         last_row = log.flush(step + 1, epoch)
         check_skipped()
+        if jax.process_count() > 1:
+            check_replaced(step)
         loss = log.epoch_loss()
         bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, **_postfix(last_row, postfix_keys))
         if not end_of_epoch:
@@ -404,14 +459,17 @@ def train_loop(
         for step in range(start, total):
             state, out = step_fn(state, ahead, step)  # dispatched: runs while the host goes on
             after_step(step, out)
-            if received:  # after the epoch's end ran in full, before the next batch is read
-                stop(step + 1)
+            # After the epoch's end ran in full, before the next batch is read.
+            signum = _stop_signal(received)
+            if signum is not None:
+                stop(signum, step + 1)
             # The next batch goes to the devices while this step runs; read only now, so a
             # checkpoint above holds the data position right after this step's batch.
             ahead = load(step + 1) if step + 1 < total else None
     bar.close()
     writer.close()
     best, last_ckpt = summarise(checkpointer)
+    replaced += _sum_over_processes(replaced_here)
     result = TrainResult(best, last_ckpt, time.time() - t0, log.skipped, replaced)
     if log.skipped or replaced:
         logging.warning(

@@ -123,7 +123,8 @@ def validation_fn(cfg, cases: list[data.Case]):
     rank = experiment.spatial_rank(cfg)
 
     def evaluate(state: TrainState, epoch: int) -> dict[str, float]:
-        params = parallel.local_copy(state.params)
+        # On this process's devices once, not once per case (several processes: host copies).
+        params = jax.device_put(parallel.local_copy(state.params), parallel.local().replicated)
         rows = []
         for case in progress(cases, desc=f"validation epoch {epoch}"):
             vol = to_model_input(np.load(case.vol), rank)
@@ -152,8 +153,14 @@ def plot_dtms(workdir: pathlib.Path, modalities) -> pathlib.Path | None:
 def train(cfg, workdir: str | pathlib.Path):
     workdir = pathlib.Path(workdir)
     experiment.validate_config(cfg)
-    prep = dataset.prepare(cfg, workdir, for_training=True)
-    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=1))
+    # Preprocessing (and its splits and CSVs) by process 0 alone; the others read its output.
+    prep = parallel.main_first(
+        lambda: dataset.prepare(cfg, workdir, for_training=True), "dmaf data"
+    )
+    masks = {k: np.asarray(v).tolist() for k, v in prep.masks.items()}
+    parallel.assert_same({"split": prep.split, "masks": masks}, "the data split and masks")
+    if parallel.is_main():
+        atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=1))
     spec = prep.spec
     train_cases = prep.cases("train")
     if not train_cases:
@@ -175,6 +182,7 @@ def train(cfg, workdir: str | pathlib.Path):
     state, tx = experiment.create_state(cfg, spe)
     shard = parallel.Sharding(parallel.mesh(), cfg.parallel.fsdp)
     state = jax.device_put(state, shard.state(state))
+    logging.info(shard.describe(cfg.data.batch_size))
     ds = data.train_dataset(spec, train_cases, dataset.augment_config(cfg), cfg.seed)
     bs = cfg.data.batch_size
     ds = loader.process_rows(ds, bs, jax.process_index(), jax.process_count())
@@ -206,7 +214,7 @@ def train(cfg, workdir: str | pathlib.Path):
         )
     finally:
         ckpt.close()
-    plot = plot_dtms(workdir, spec.modalities)
+    plot = plot_dtms(workdir, spec.modalities) if parallel.is_main() else None
     if plot:
         logging.info("DTMS plot: %s", plot)
     return result
