@@ -9,6 +9,10 @@ ratio remat / plain, both measured in this run.
 
     python benchmarks/dmaf_memory.py                 # 128^3 batch 2: several minutes on CPU
     python benchmarks/dmaf_memory.py --crop 64
+    python benchmarks/dmaf_memory.py --conv native   # the program a GPU runs (native 3-D convs)
+
+`--conv auto` analyses what this backend runs (on CPU the convolutions decomposed into 2-D
+ones over depth-shifted views, which hold three shifted copies of each input).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import conv as conv_lib  # noqa: E402
 from configs.dmaf_brats2020 import get_config  # noqa: E402
 from dmaf_jax import experiment, train  # noqa: E402
 
@@ -77,10 +82,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--conv", choices=("auto", "native", "decomposed"), default="auto")
     args = ap.parse_args()
+    if args.conv != "auto":
+        conv_lib.auto_impl = lambda: args.conv
     print(
         f"backend {jax.default_backend()}, jax {jax.__version__}, crop {args.crop}^3, "
-        f"batch {args.batch}, channels {tuple(get_config().model.channels)}"
+        f"batch {args.batch}, channels {tuple(get_config().model.channels)}, "
+        f"convolutions {conv_lib.auto_impl()}"
     )
     rows = {}
     for name, remat in (("plain", False), ("remat", True)):
