@@ -14,9 +14,10 @@ gradient reaches a missing modality's encoder and one compiled program serves ev
 Encoding does not depend on the mask, so evaluation encodes a window once and fuses it under
 each combination (`encode` then `fuse_decode`).
 
-With `remat`, every pre-norm convolution block of the encoders and decoders is wrapped in
-`nn.remat` (jax.checkpoint): the backward pass keeps only each block's input and recomputes its
-norm, activation, padding and stacked conv views. Parameters and their names do not change.
+With `remat`, every pre-norm convolution block of the encoders and decoders runs through
+`layers.remat_call` (a checkpoint XLA cannot undo) and each DMAF module through `nn.remat`: the
+backward pass keeps only each block's input and recomputes its norm, activation, padding and
+stacked conv views. Parameters and their names do not change.
 """
 
 from __future__ import annotations
@@ -29,14 +30,22 @@ import jax.numpy as jnp
 
 from common.conv import Conv
 from dmaf_jax.fusion import DMAF, mean_fusion, normalise_modalities
-from dmaf_jax.layers import PreNormConv, upsample
+from dmaf_jax.layers import PreNormConv, remat_call, upsample
 
 DEFAULT_CHANNELS = (8, 16, 32, 64, 128)
 
 
-def _block(remat: bool) -> type[PreNormConv]:
-    """PreNormConv, or its rematerialised form (same parameters, same names)."""
-    return nn.remat(PreNormConv) if remat else PreNormConv
+def _block(remat: bool):
+    """PreNormConv, or a factory of its rematerialised form (same parameters and names):
+    `_block(remat)(features, ...)(x)` either way."""
+    if not remat:
+        return PreNormConv
+
+    def make(*args, **kwargs):
+        block = PreNormConv(*args, **kwargs)
+        return lambda x: remat_call(block, x)
+
+    return make
 
 
 class Encoder(nn.Module):

@@ -44,6 +44,13 @@ DMAF_SHALLOW = {
 }
 
 
+# Four forced CPU devices, for run.py and scripts in a subprocess (the device count is fixed
+# when JAX starts).
+FOUR_DEVICES = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+)
+
+
 def dmaf_shallow(cfg):
     """`cfg` (a DMAF smoke config) with DMAF_SHALLOW applied."""
     for key, value in DMAF_SHALLOW.items():

@@ -873,8 +873,12 @@ def test_nonfinite_batch_leaves_the_state_alone_and_the_run_continues(step3, cre
 
 
 def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
-    # nn.remat recomputes the blocks in the backward pass (same dropout keys): same numbers,
-    # same parameter names, so checkpoints do not depend on the switch.
+    # remat recomputes the blocks in the backward pass (same dropout keys): same numbers up to
+    # rounding, same parameter names, so checkpoints do not depend on the switch. The recomputed
+    # forward rounds differently from the first (measured: every leaf within 4e-7 but one):
+    # the bottleneck's l5_c1 bias gradient is a sum of terms near 1e3 that cancel through a
+    # 2x2 instance norm, so both runs give noise at ulp(1e3) = 1.2e-4 there. The tolerance is
+    # therefore absolute, at 2e-4 of the largest gradient (0.76), not relative per element.
     cfg = tiny(dmaf_myops2020.get_config("smoke"))
     cfg.model.remat = True
     mask = [[True, False, True], [True, True, True]]
@@ -883,13 +887,17 @@ def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
     assert jax.tree.structure(g_r) == jax.tree.structure(g)
     np.testing.assert_allclose(loss_r, loss, rtol=1e-5)
     np.testing.assert_allclose(out_r["logits"], out["logits"], rtol=1e-4, atol=1e-5)
+    scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(g))
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(g_r)):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            b, a, rtol=0, atol=2e-4 * scale, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_remat_puts_the_blocks_under_checkpoint():
     # The test above would pass if the switch did nothing: here the traced forward must hold
-    # jax.checkpoint equations with remat on (encoders, decoders, fusion), and none without.
+    # checkpoint equations with remat on (the blocks' custom-VJP recomputation in the encoders
+    # and decoders, jax.checkpoint for fusion), and none without.
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     mask = jax.ShapeDtypeStruct((1, 3), jnp.bool_)
 
@@ -908,7 +916,7 @@ def test_remat_puts_the_blocks_under_checkpoint():
     def count(jaxpr) -> int:  # nested jaxprs included (pjit, scan, checkpoint bodies)
         n = 0
         for e in jaxpr.eqns:
-            n += e.primitive.name in ("checkpoint", "remat", "remat2")
+            n += e.primitive.name in ("checkpoint", "remat", "remat2", "custom_vjp_call")
             for v in e.params.values():
                 for sub in v if isinstance(v, tuple | list) else (v,):
                     sub = getattr(sub, "jaxpr", sub)

@@ -1,4 +1,4 @@
-"""Run with 4 forced CPU devices (tests/test_parallel.py): two training steps of each model's
+"""Run with 4 forced CPU devices (tests/test_data_parallel.py): two training steps of each model's
 smoke configuration on the same global batch of 4, on one device, data-parallel over 4 and
 FSDP over 4, and each model's evaluation (FAMF `predict_records` of 5 images at an evaluation
 batch of 3, DMAF sliding windows at 3 windows per call: both padded to a multiple of the

@@ -1,4 +1,4 @@
-"""`run.py` as one of several processes of a DMAF training run (tests/test_parallel.py), with a
+"""`run.py` as one of several processes of a DMAF training run (tests/test_two_processes.py), with a
 record of what it read: `two_process_train.py <out.json> <run.py flags...>`, JAX's standard
 variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) in the environment.
 
