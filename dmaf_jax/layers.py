@@ -97,9 +97,12 @@ def remat_call(module: nn.Module, *args):
     XLA:CPU removes before scheduling; its scheduler then ran the recomputation during the
     forward pass and CSE merged it with the original, so the step's memory did not drop
     (50.89 GiB without, 51.71 with, DMAF paper step at 128^3 batch 2). Here the backward
-    recomputes from the inputs plus 0 x one element of the output cotangent: a real data
-    dependence (XLA does not fold 0 x a float), so the recomputation can only run once the
-    cotangent exists. Same parameters and names, same values and gradients."""
+    recomputes from the inputs plus 0 x one element per sample of the output cotangent: a real
+    data dependence (XLA does not fold 0 x a float), so the recomputation can only run once the
+    cotangent exists, and one per sample keeps it on each device's own rows when the batch is
+    split. Same parameters and names; same values, gradients up to rounding. Only for modules
+    whose inputs and output lead with the batch axis and that use parameters alone (no rngs,
+    no other collections: the recomputation applies `{"params": ...}`)."""
     proto = module.clone(parent=None)
 
     def call(mdl, *a):
@@ -110,8 +113,9 @@ def remat_call(module: nn.Module, *args):
 
     def backward(residuals, cotangent):
         params, inputs = residuals
-        after = jax.tree.leaves(cotangent)[0].ravel()[0] * 0
-        inputs = tuple(x + after.astype(x.dtype) for x in inputs)
+        cot = jax.tree.leaves(cotangent)[0]
+        after = cot.reshape(cot.shape[0], -1)[:, 0] * 0  # (B,) zeros that depend on it
+        inputs = tuple(x + after.reshape(-1, *[1] * (x.ndim - 1)).astype(x.dtype) for x in inputs)
         _, vjp = jax.vjp(lambda v, *a: proto.apply(v, *a), {"params": params}, *inputs)
         return vjp(cotangent)
 

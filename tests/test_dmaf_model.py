@@ -877,8 +877,8 @@ def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
     # rounding, same parameter names, so checkpoints do not depend on the switch. The recomputed
     # forward rounds differently from the first (measured: every leaf within 4e-7 but one):
     # the bottleneck's l5_c1 bias gradient is a sum of terms near 1e3 that cancel through a
-    # 2x2 instance norm, so both runs give noise at ulp(1e3) = 1.2e-4 there. The tolerance is
-    # therefore absolute, at 2e-4 of the largest gradient (0.76), not relative per element.
+    # 2x2 instance norm (its true value is 0), so both runs give noise at their ulp
+    # (6e-5 to 1.2e-4) there; that leaf alone is compared at 2e-4 of the largest gradient.
     cfg = tiny(dmaf_myops2020.get_config("smoke"))
     cfg.model.remat = True
     mask = [[True, False, True], [True, True, True]]
@@ -888,10 +888,11 @@ def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
     np.testing.assert_allclose(loss_r, loss, rtol=1e-5)
     np.testing.assert_allclose(out_r["logits"], out["logits"], rtol=1e-4, atol=1e-5)
     scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(g))
+    noise = "['encoder']['l5_c1']['conv']['bias']"
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(g_r)):
-        np.testing.assert_allclose(
-            b, a, rtol=0, atol=2e-4 * scale, err_msg=jax.tree_util.keystr(path)
-        )
+        name = jax.tree_util.keystr(path)
+        tol = dict(rtol=0, atol=2e-4 * scale) if name == noise else dict(rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(b, a, err_msg=name, **tol)
 
 
 def test_remat_puts_the_blocks_under_checkpoint():
