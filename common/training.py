@@ -77,8 +77,8 @@ What the loop does:
   processes every process must stop at the same step (the checkpoint is collective, and a
   process that went on would wait for the others forever): SIGTERM to any of them is left to
   JAX's preemption service, whose `reached_preemption_sync_point`, asked at every step, turns
-  true at the same step everywhere; SIGINT keeps its default there (a process ended by it is
-  noticed by the coordination service, which stops the others).
+  true at the same step everywhere; a SIGINT (Ctrl-C) there is turned into a SIGTERM to its
+  own process, so it takes the same path.
 - Returns the final state and a `TrainResult`, also written to `<workdir>/train_summary.json`:
   per criterion the best step and its metrics, the latest checkpoint's step, epoch and metrics,
   the counts of skipped steps and replaced elements, and the seconds this call took.
@@ -134,7 +134,6 @@ class Interrupted(Exception):
         super().__init__(f"{name}: checkpoint saved at step {step}; --mode=train resumes there")
 
 
-_CAUGHT = (signal.SIGINT, signal.SIGTERM)
 # Calls of reached_preemption_sync_point in this process: the service compares every process's
 # count of calls, which must grow by one per call and be equal across processes at each step
 # (a training step number would not be: resumed runs and FAMF's folds restart it).
@@ -153,7 +152,8 @@ def _signals_caught(received: list[int]):
     if jax.process_count() > 1:
         handlers = {signal.SIGINT: lambda *_: os.kill(os.getpid(), signal.SIGTERM)}
     else:
-        handlers = {s: lambda signum, _: received.append(signum) for s in _CAUGHT}
+        catch = lambda signum, _: received.append(signum)
+        handlers = {signal.SIGINT: catch, signal.SIGTERM: catch}
     old = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         yield
