@@ -42,9 +42,15 @@ class TransformerLayer(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_bias: jax.Array, train: bool) -> jax.Array:
-        """x (B, T, d); key_bias (B, T): 0 for present keys, -1e9 for missing ones."""
+    def __call__(self, x: jax.Array, key_bias: jax.Array, key: jax.Array | None) -> jax.Array:
+        """x (B, T, d); key_bias (B, T): 0 for present keys, -1e9 for missing ones; `key` the
+        dropout key when training, None at evaluation."""
         b, t, d = x.shape
+        keys = iter(jax.random.split(key, 3) if key is not None else [None] * 3)
+
+        def dropout(y):
+            return nn.Dropout(self.dropout, deterministic=key is None)(y, rng=next(keys))
+
         dh = d // self.heads
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_attn")(x)
         q, k, v = (
@@ -56,12 +62,12 @@ class TransformerLayer(nn.Module):
         p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, d)
         o = xavier_dense(d, name="out", dtype=self.dtype)(o)
-        x = x + nn.Dropout(self.dropout, deterministic=not train)(o)
+        x = x + dropout(o)
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_mlp")(x)
         h = nn.gelu(xavier_dense(self.mlp, name="mlp_in", dtype=self.dtype)(h), approximate=False)
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = dropout(h)
         h = xavier_dense(d, name="mlp_out", dtype=self.dtype)(h)
-        return x + nn.Dropout(self.dropout, deterministic=not train)(h)
+        return x + dropout(h)
 
 
 class DMAF(nn.Module):
@@ -76,8 +82,11 @@ class DMAF(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, feats: jax.Array, mask: jax.Array, train: bool):
-        """feats (B, M, *S, C), mask (B, M) bool -> (fused (B, *S, C), weights (B, M, *S))."""
+    def __call__(self, feats: jax.Array, mask: jax.Array, key: jax.Array | None = None):
+        """feats (B, M, *S, C), mask (B, M) bool, the dropout key's data (`jax.random.key_data`)
+        when training, None at evaluation -> (fused (B, *S, C), weights (B, M, *S)). The key
+        comes in as an argument, not from `make_rng`, so that `layers.remat_call` can replay the
+        same dropout in the backward pass."""
         b, m, *s, c = feats.shape
         z = normalise_modalities(feats).reshape(b * m, *s, c)
         pooled = avg_pool(z, self.pool)  # (B*M, *g, C)
@@ -93,10 +102,15 @@ class DMAF(nn.Module):
         x = x.reshape(b, m * n_tok, self.dim)
         present = mask.astype(bool)
         key_bias = jnp.repeat(jnp.where(present, 0.0, NEG), n_tok, axis=1).astype(jnp.float32)
+        keys = (
+            jax.random.split(jax.random.wrap_key_data(key), self.depth)
+            if key is not None
+            else [None] * self.depth
+        )
         for i in range(self.depth):
             x = TransformerLayer(
                 self.dim, self.heads, self.mlp, self.dropout, self.dtype, name=f"layer_{i}"
-            )(x, key_bias, train)
+            )(x, key_bias, keys[i])
         x = x.reshape(b, m, n_tok, self.dim) * present[:, :, None, None].astype(x.dtype)
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_head")(x)
         s_tok = nn.Dense(

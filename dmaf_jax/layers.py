@@ -89,9 +89,9 @@ class PreNormConv(nn.Module):
         return Conv(self.features, self.kernel_size, self.stride, dtype=self.dtype, name="conv")(x)
 
 
-def remat_call(module: nn.Module, *args):
-    """`module(*args)` whose backward pass recomputes the module's forward from its inputs
-    instead of keeping its intermediates: `nn.remat`, but written so that XLA keeps it.
+def remat_call(module: nn.Module, *args, **static):
+    """`module(*args, **static)` whose backward pass recomputes the module's forward from its
+    inputs instead of keeping its intermediates: `nn.remat`, but written so that XLA keeps it.
 
     `nn.remat` (jax.checkpoint) fences the recomputation with an optimisation barrier, which
     XLA:CPU removes before scheduling; its scheduler then ran the recomputation during the
@@ -100,23 +100,32 @@ def remat_call(module: nn.Module, *args):
     recomputes from the inputs plus 0 x one element per sample of the output cotangent: a real
     data dependence (XLA does not fold 0 x a float), so the recomputation can only run once the
     cotangent exists, and one per sample keeps it on each device's own rows when the batch is
-    split. Same parameters and names; same values, gradients up to rounding. Only for modules
-    whose inputs and output lead with the batch axis and that use parameters alone (no rngs,
-    no other collections: the recomputation applies `{"params": ...}`)."""
+    split. Same parameters and names; same values, gradients up to rounding.
+
+    For modules whose floating inputs and first output lead with the batch axis and that use
+    parameters alone: no other collections, and no `make_rng` (the recomputation applies
+    `{"params": ...}`), so randomness comes in as an argument (key data, replayed exactly).
+    Integer and boolean inputs get no gradient; `static` are Python values (flags)."""
     proto = module.clone(parent=None)
 
     def call(mdl, *a):
-        return mdl(*a)
+        return mdl(*a, **static)
 
     def forward(mdl, *a):
-        return mdl(*a), (mdl.variables["params"], a)
+        return mdl(*a, **static), (mdl.variables["params"], a)
 
     def backward(residuals, cotangent):
         params, inputs = residuals
         cot = jax.tree.leaves(cotangent)[0]
         after = cot.reshape(cot.shape[0], -1)[:, 0] * 0  # (B,) zeros that depend on it
-        inputs = tuple(x + after.reshape(-1, *[1] * (x.ndim - 1)).astype(x.dtype) for x in inputs)
-        _, vjp = jax.vjp(lambda v, *a: proto.apply(v, *a), {"params": params}, *inputs)
+
+        def depend(x):
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                return x
+            return x + after.reshape(-1, *[1] * (x.ndim - 1)).astype(x.dtype)
+
+        inputs = jax.tree.map(depend, inputs)
+        _, vjp = jax.vjp(lambda v, *a: proto.apply(v, *a, **static), {"params": params}, *inputs)
         return vjp(cotangent)
 
     return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, *args)

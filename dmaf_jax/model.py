@@ -15,9 +15,10 @@ Encoding does not depend on the mask, so evaluation encodes a window once and fu
 each combination (`encode` then `fuse_decode`).
 
 With `remat`, every pre-norm convolution block of the encoders and decoders runs through
-`layers.remat_call` (a checkpoint XLA cannot undo) and each DMAF module through `nn.remat`: the
-backward pass keeps only each block's input and recomputes its norm, activation, padding and
-stacked conv views. Parameters and their names do not change.
+`layers.remat_call` (a checkpoint XLA cannot undo), and so does each DMAF module: the backward
+pass keeps only each block's inputs and recomputes its norm, activation, padding and stacked
+conv views, and each fusion's attention. Parameters and their names do not change, nor does
+the dropout (its keys are arguments, replayed in the recomputation).
 """
 
 from __future__ import annotations
@@ -170,10 +171,8 @@ class DMAFNet(nn.Module):
         self.shared_decoder = SharedDecoder(self.channels, self.num_classes, self.dtype, self.remat)
         levels = len(self.channels)
         if self.fusion == "dmaf":
-            # The attention maps of all levels dominate the saved activations at large crops.
-            fusion = nn.remat(DMAF, static_argnums=(3,)) if self.remat else DMAF  # 3: train
             self.dmaf = [
-                fusion(
+                DMAF(
                     2 ** (levels - 1 - level),
                     self.token_dim,
                     self.heads,
@@ -220,7 +219,11 @@ class DMAFNet(nn.Module):
         fused, weights = [], []
         for level, f in enumerate(feats):
             if self.fusion == "dmaf":
-                y, w = self.dmaf[level](f, mask, train)
+                # Dropout keys drawn here and passed in, so remat can replay them; the
+                # attention maps of all levels dominate the saved activations at large crops.
+                key = (jax.random.key_data(self.make_rng("dropout")),) if train else ()
+                call = remat_call if self.remat else lambda module, *a: module(*a)
+                y, w = call(self.dmaf[level], f, mask, *key)
             else:
                 y, w = mean_fusion(f, mask)
             fused.append(y)

@@ -329,29 +329,25 @@ def test_transformer_layer_matches_numpy(rng):
     bias = np.zeros((b, t), np.float32)
     bias[0, 5:] = NEG  # second half of sample 0's keys missing
     layer = TransformerLayer(d, heads, mlp, dropout=0.1)
-    params = layer.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(bias), False)["params"]
+    params = layer.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(bias), None)["params"]
     params = randomize(params, ("ln_attn", "ln_mlp"), jax.random.key(1))  # affine LN on
-    y = np.asarray(layer.apply({"params": params}, jnp.asarray(x), jnp.asarray(bias), False))
+    y = np.asarray(layer.apply({"params": params}, jnp.asarray(x), jnp.asarray(bias), None))
     np.testing.assert_allclose(
         y, np_transformer_layer(params, x, bias, heads), rtol=1e-4, atol=1e-4
     )
 
     # Dropout on the attention output, the MLP hidden layer and the MLP output, never on the
-    # attention probabilities; all of rate 0.1 and only in training.
-    def run(train):
-        return layer.apply(
-            {"params": params},
-            jnp.asarray(x),
-            jnp.asarray(bias),
-            train,
-            rngs={"dropout": jax.random.key(2)},
-        )
+    # attention probabilities; all of rate 0.1 and only in training (given a key).
+    def run(key):
+        return layer.apply({"params": params}, jnp.asarray(x), jnp.asarray(bias), key)
 
-    y_train, calls = intercept(lambda: run(True))
+    y_train, calls = intercept(lambda: run(jax.random.key(2)))
     drops = [(m.rate, a[0].shape) for m, a, _ in calls if isinstance(m, nn.Dropout)]
     assert drops == [(0.1, (b, t, d)), (0.1, (b, t, mlp)), (0.1, (b, t, d))]
     assert not np.allclose(np.asarray(y_train), y)
-    np.testing.assert_array_equal(np.asarray(run(False)), y)
+    np.testing.assert_array_equal(np.asarray(run(None)), y)
+    # The same key gives the same dropout (remat's recomputation replays it).
+    np.testing.assert_array_equal(np.asarray(run(jax.random.key(2))), np.asarray(y_train))
 
 
 def test_dmaf_module_matches_numpy(rng):
@@ -365,7 +361,7 @@ def test_dmaf_module_matches_numpy(rng):
     feats = rng.normal(1.0, 2.0, (b, m, *s, c)).astype(np.float32)
     feats[~present] = 0.0  # the model zeroes missing modalities before DMAF
     dmaf = DMAF(pool, dim=16, heads=2, depth=1, mlp=32)
-    args = (jnp.asarray(feats), jnp.asarray(present), False)
+    args = (jnp.asarray(feats), jnp.asarray(present))
     params = dmaf.init(jax.random.key(0), *args)["params"]
     params = randomize(params, ("head", "local_head", "ln_head"), jax.random.key(1), 0.5)
     (fused, weights), calls = intercept(lambda: dmaf.apply({"params": params}, *args))
@@ -897,14 +893,15 @@ def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
 
 def test_remat_puts_the_blocks_under_checkpoint():
     # The test above would pass if the switch did nothing: here the traced forward must hold
-    # checkpoint equations with remat on (the blocks' custom-VJP recomputation in the encoders
-    # and decoders, jax.checkpoint for fusion), and none without.
+    # checkpoint equations with remat on (the custom-VJP recomputation of the encoder and
+    # decoder blocks and of each level's fusion), and none without.
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     mask = jax.ShapeDtypeStruct((1, 3), jnp.bool_)
 
-    def checkpoints(remat: bool) -> int:
+    def checkpoints(remat: bool, fusion: str = "dmaf") -> int:
         cfg = tiny(dmaf_myops2020.get_config("smoke"))
         cfg.model.remat = remat
+        cfg.model.fusion = fusion
         net = experiment.model(cfg)
         params = jax.eval_shape(lambda k: init_variables(net, k, (32, 32)), jax.random.key(0))
 
@@ -927,3 +924,5 @@ def test_remat_puts_the_blocks_under_checkpoint():
 
     assert checkpoints(False) == 0
     assert checkpoints(True) >= 3 * 5  # at least the encoder's three blocks per level
+    levels = len(tiny(dmaf_myops2020.get_config("smoke")).model.channels)
+    assert checkpoints(True) - checkpoints(True, "mean") == levels  # one per fusion module
