@@ -53,7 +53,7 @@ def base_config(dataset: str, variant: str) -> config_dict.ConfigDict:
     m.mlp = 512  # DMAF MLP width
     m.dropout = 0.1  # DMAF MLP and residual dropout (training only)
     m.bfloat16 = False  # bfloat16 compute, float32 parameters and losses
-    m.remat = False  # recompute encoder/decoder blocks in the backward pass: less memory
+    m.remat = False  # recompute encoder, decoder and fusion blocks: less memory, more time
 
     c.train = t = config_dict.ConfigDict()
     t.epochs = 300

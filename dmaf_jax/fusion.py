@@ -82,7 +82,7 @@ class DMAF(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, feats: jax.Array, mask: jax.Array, key: jax.Array | None = None):
+    def __call__(self, feats: jax.Array, mask: jax.Array, key_data: jax.Array | None = None):
         """feats (B, M, *S, C), mask (B, M) bool, the dropout key's data (`jax.random.key_data`)
         when training, None at evaluation -> (fused (B, *S, C), weights (B, M, *S)). The key
         comes in as an argument, not from `make_rng`, so that `layers.remat_call` can replay the
@@ -103,8 +103,8 @@ class DMAF(nn.Module):
         present = mask.astype(bool)
         key_bias = jnp.repeat(jnp.where(present, 0.0, NEG), n_tok, axis=1).astype(jnp.float32)
         keys = (
-            jax.random.split(jax.random.wrap_key_data(key), self.depth)
-            if key is not None
+            jax.random.split(jax.random.wrap_key_data(key_data), self.depth)
+            if key_data is not None
             else [None] * self.depth
         )
         for i in range(self.depth):

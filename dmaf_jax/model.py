@@ -156,7 +156,7 @@ class DMAFNet(nn.Module):
     mlp: int = 512
     dropout: float = 0.1
     dtype: jnp.dtype | None = None
-    remat: bool = False  # rematerialise the encoder and decoder blocks (memory for compute)
+    remat: bool = False  # recompute encoder, decoder and fusion blocks (memory for compute)
 
     def setup(self):
         # Parameters stacked over the modalities (nn.scan creates them; `encode` applies them).

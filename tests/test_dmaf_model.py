@@ -891,6 +891,38 @@ def test_remat_changes_neither_parameters_nor_loss_nor_gradients(cfg2, grad2):
         np.testing.assert_allclose(b, a, err_msg=name, **tol)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_fusion_dropout_is_on_in_training_with_and_without_remat(remat):
+    # The remat comparison above would also pass if no key reached the fusion: here every
+    # level's every layer draws its three dropouts when training, none at evaluation.
+    # Abstract evaluation: nothing is compiled.
+    cfg = tiny(dmaf_myops2020.get_config("smoke"))
+    cfg.model.remat = remat
+    net = experiment.model(cfg)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, 3), jnp.bool_)
+    params = jax.eval_shape(lambda k: init_variables(net, k, (32, 32)), jax.random.key(0))
+
+    def drops(train: bool) -> list:
+        keys = []
+
+        def interceptor(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Dropout) and not context.module.deterministic:
+                keys.append(kwargs["rng"])
+            return next_fun(*args, **kwargs)
+
+        def forward(p, x, mask):
+            with nn.intercept_methods(interceptor):
+                net.apply(p, x, mask, train=train, rngs={"dropout": jax.random.key(1)})
+
+        jax.eval_shape(forward, params, x, mask)
+        return keys
+
+    assert drops(False) == []
+    m = cfg.model
+    assert len(drops(True)) == len(m.channels) * m.depth * 3
+
+
 def test_remat_puts_the_blocks_under_checkpoint():
     # The test above would pass if the switch did nothing: here the traced forward must hold
     # checkpoint equations with remat on (the custom-VJP recomputation of the encoder and
