@@ -8,6 +8,10 @@ of the focal loss), train-mode BatchNorm:
             the original does with torchcam (RAA still in-jit here, so this flatters it).
 - native:   full, with XLA's native 2-D convolutions instead of `common.conv`'s decomposed
             CPU form (the convolutions' form before issue 11; same parameters).
+- pytorch:  where torch is installed, the original's training step as its solver runs it
+            (parity/famf_torch_parity.py `solver_step`: CAM pass by autograd, main pass, loss,
+            backward and SGD step with coupled L2, then the next batch's CAM pass and forward
+            for the DQN), timed in the same run; "full" is then also given as a ratio to it.
 Prints XLA's FLOP count and temporary memory per step (cost and memory analysis of the compiled
 step) and the median wall time over repetitions after a warm-up.
 
@@ -136,6 +140,39 @@ def main():
         print(f"{name:9s} / plain: time {t / pt:.2f}x   FLOPs {f / pf:.2f}x   memory {m / pm:.2f}x")
     nt = results["native"][1]
     print(f"full (decomposed convolutions) / full (native): time {results['full'][1] / nt:.2f}x")
+    torch_time = pytorch_step_time(args)
+    if torch_time is not None:
+        print(f"pytorch   median {torch_time:.3f} s over {args.reps} (the original's solver step)")
+        print(f"full / pytorch: time {results['full'][1] / torch_time:.2f}x")
+
+
+def pytorch_step_time(args) -> float | None:
+    """Median seconds of the original's training step (parity model), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        print("pytorch: not installed (pip install torch), the original's step is not timed")
+        return None
+    from parity import famf_torch_parity as tp
+
+    torch.manual_seed(0)
+    model = tp.OursNet(args.size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=5e-4, momentum=0.9, weight_decay=0.05)
+    g = torch.Generator().manual_seed(1)
+
+    def batch():
+        shape = (args.batch, 3, args.size, args.size)
+        x = [torch.rand(shape, generator=g) * 2 - 1 for _ in range(2)]
+        return (*x, torch.arange(args.batch) % 2)
+
+    cur, nxt = batch(), batch()
+    tp.solver_step(model, optimizer, cur, nxt)  # warm-up
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        tp.solver_step(model, optimizer, cur, nxt)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,14 @@ with the original's own operations: NCHW convolutions, `nn.BatchNorm2d`, `F.inte
 autograd as torchcam computes it (no closed form). Its state_dict has the original's keys, so
 the JAX side goes through `famf_jax.convert.from_torch` as a user's checkpoint would.
 
-Needs torch (`pip install torch`); not part of the test suite. Run:
+Needs torch (`pip install torch`). Run:
 
     python parity/famf_torch_parity.py [--size 256] [--batch 3]
+    python parity/famf_torch_parity.py --size 32 --batch 3 --seed 1 --record
+
+`--record` stores the inputs and the original's outputs in tests/data/famf_torch_reference.npz
+(the weights are regenerated from the seed by `parity.reference.random_state_dict`), which
+tests/test_torch_parity.py compares against where torch is not installed (CI).
 
 Prints the largest deviations and exits non-zero if a tolerance of the issue is missed:
 probabilities and CAMs 1e-4, centres exact, MAF outputs 1e-3 relative.
@@ -29,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from parity import reference  # noqa: E402
 from parity.raa_reference import bmode_centre, swe_centre  # noqa: E402
 
 
@@ -202,119 +208,85 @@ def xgradcam(model, probs):
     return cams
 
 
-def given_cams(batch: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, h, h) CAMs in [0, 1]: a one-cell spike (a local B-mode centre), smooth blobs at other
-    places, and NaN maps (the original's 0/0 normalisation of a constant CAM)."""
-    yy, xx = np.mgrid[:h, :h]
-    cam_b = np.zeros((batch, h, h), np.float32)
-    cam_s = np.zeros((batch, h, h), np.float32)
-    for i in range(batch):
-        kind = i % 3
-        if kind == 0:
-            cam_b[i, h // 4, (3 * h) // 4] = 1.0
-            cam_s[i] = np.exp(-((yy - 0.8 * h) ** 2 + (xx - 0.2 * h) ** 2) / (0.02 * h * h))
-        elif kind == 1:
-            cam_b[i] = np.exp(-((yy - 0.3 * h) ** 2 + (xx - 0.6 * h) ** 2) / (0.05 * h * h))
-            cam_s[i] = np.exp(-((yy - 0.5 * h) ** 2 + (xx - 0.75 * h) ** 2) / (0.03 * h * h))
-        else:
-            cam_b[i] = np.nan
-            cam_s[i] = np.nan
-    norm = lambda c: (c - c.min((1, 2), keepdims=True)) / c.max((1, 2), keepdims=True)
-    return norm(cam_b).astype(np.float32), norm(cam_s).astype(np.float32)
-
-
-def randomise(model: nn.Module, seed: int):
-    """PyTorch init plus random BatchNorm statistics and affines, so eval-mode BN matters."""
-    g = torch.Generator().manual_seed(seed)
+def solver_step(model, optimizer, cur, nxt, warm: int = 1, alpha: float = 0.5, gamma=2.0):
+    """One training step as the original's solver_1 runs it (spec 4.2), for timing: the CAM
+    pass on `cur` (train-mode forward, XGradCAM by autograd), the main forward with those
+    CAMs, the focal loss (variant b, alpha for both classes), backward and the optimiser's
+    step; then the CAM pass and a forward of the next batch, which the original runs for the
+    DQN's next state. The DQN itself (a 6 -> 5 MLP on 8 transitions) is left out: negligible.
+    cur, nxt: (bmode, swe, labels) tensors, NCHW in [-1, 1]."""
+    model.train()
+    x1, x2, y = cur
+    h = x1.shape[-1] // 8
+    ones = torch.ones(x1.shape[0], h, h)
+    probs0, _ = model(0, x1, x2, ones, ones)
+    cam1, cam2 = xgradcam(model, probs0)
+    probs, _ = model(warm, x1, x2, cam1, cam2)
+    p_true = probs.gather(1, y[:, None])[:, 0]
+    loss = (-alpha * (1 - p_true) ** gamma * torch.log(p_true)).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    n1, n2, _ = nxt
+    probs_n, _ = model(0, n1, n2, ones, ones)
+    cam_n1, cam_n2 = xgradcam(model, probs_n)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-                m.weight.copy_(0.8 + 0.4 * torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        model(warm, n1, n2, cam_n1, cam_n2)
+    return float(loss)
+
+
+def lesion_images(batch: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B-mode, SWE) (B, 3, size, size) float32 in [-1, 1]: generated lesions at random places
+    (famf_jax.synthetic), alternately benign and malignant, so that CAMs and centres differ
+    from sample to sample (on noise a random network's CAMs barely depend on the input)."""
+    from famf_jax import synthetic
+
+    rng = np.random.default_rng(seed)
+    pairs = [synthetic.make_patient(rng, bool(i % 2), size, 0.2) for i in range(batch)]
+    images = [np.stack([p[k] for p in pairs]).astype(np.float32) / 127.5 - 1 for k in (0, 1)]
+    return tuple(np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for x in images)
+
+
+def torch_reference(size: int, batch: int, seed: int) -> tuple[dict, dict]:
+    """(state_dict, reference): the original model on `reference.random_state_dict(seed)` and
+    generated lesion pairs (`lesion_images`, seed + 1), in eval mode: `predict`'s path (CAMs by
+    autograd, then the warm pass) and the warm pass on given CAMs (local peaks, unequal row
+    and column shifts (B3) and the original's NaN CAM (B20), which random weights do not
+    produce). Returns numpy arrays, NCHW as the original returns them."""
+    sd = reference.random_state_dict(seed)
+    model = OursNet(size)
+    missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, False)
+    assert not unexpected and all(k.endswith(reference.OWN_KEYS) for k in missing), missing
+    model.eval()
+    x1, x2 = lesion_images(batch, size, seed + 1)
+    t1, t2 = torch.tensor(x1), torch.tensor(x2)
+    h = size // 8
+    probs1, _ = model(0, t1, t2, torch.ones(batch, h, h), torch.ones(batch, h, h))
+    cam1, cam2 = xgradcam(model, probs1)
+    cam_b, cam_s = reference.given_cams(batch, h)
+    with torch.no_grad():
+        probs, extras = model(1, t1, t2, cam1, cam2)
+        probs_g, extras_g = model(1, t1, t2, torch.tensor(cam_b), torch.tensor(cam_s))
+    ref = {"x1": x1, "x2": x2, "cam_b": cam_b, "cam_s": cam_s, "probs": probs, "cam1": cam1}
+    ref.update(cam2=cam2, given_probs=probs_g)
+    for k in ("idx1", "idx2", "g2", "e2"):
+        ref[k], ref[f"given_{k}"] = extras[k], extras_g[k]
+    ref = {k: v.detach().numpy() if torch.is_tensor(v) else v for k, v in ref.items()}
+    return sd, ref
 
 
 def run(args) -> tuple[dict, str]:
     """({check: (value, tolerance)}, a line describing the centres)."""
-    torch.manual_seed(args.seed)
-    model = OursNet(args.size)
-    randomise(model, args.seed)
-    model.eval()
-    g = torch.Generator().manual_seed(args.seed + 1)
-    x1 = torch.rand(args.batch, 3, args.size, args.size, generator=g) * 2 - 1
-    x2 = torch.rand(args.batch, 3, args.size, args.size, generator=g) * 2 - 1
-    h = args.size // 8
-    probs1, _ = model(0, x1, x2, torch.ones(args.batch, h, h), torch.ones(args.batch, h, h))
-    cam1, cam2 = xgradcam(model, probs1)
-    with torch.no_grad():
-        probs, extras = model(1, x1, x2, cam1, cam2)
-
-    from famf_jax import convert, inference
-
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    variables = convert.from_torch(sd)
-    to_nhwc = lambda t: np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
-    out = inference.predict(variables, to_nhwc(x1), to_nhwc(x2), faithful=True)
-
-    def rel(a, b):
-        return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
-
-    # Second run with given CAMs, so that RAA sees local peaks, unequal row and column shifts
-    # (B3) and the original's NaN CAM (B20), which random weights do not produce.
-    cam_b, cam_s = given_cams(args.batch, h)
-    with torch.no_grad():
-        probs_g, extras_g = model(1, x1, x2, torch.tensor(cam_b), torch.tensor(cam_s))
-    import jax.numpy as jnp
-
-    from famf_jax.model import FAMFNet
-
-    clean = lambda c: np.nan_to_num(c, nan=0.0)  # our normalisation gives 0 where torch gives NaN
-    out_g = FAMFNet(faithful=True).apply(
-        variables,
-        jnp.asarray(to_nhwc(x1)),
-        jnp.asarray(to_nhwc(x2)),
-        jnp.asarray(clean(cam_b)),
-        jnp.asarray(clean(cam_s)),
-        warm=True,
-    )
-
-    checks = {
-        "probs max abs": (float(np.abs(out["probs"] - probs.numpy()).max()), 1e-4),
-        "cam_bmode max abs": (float(np.abs(out["cam_bmode"] - cam1.numpy()).max()), 1e-4),
-        "cam_swe max abs": (float(np.abs(out["cam_swe"] - cam2.numpy()).max()), 1e-4),
-        "centre_bmode mismatches": (int((out["centre_bmode"] != extras["idx1"].numpy()).sum()), 0),
-        "centre_swe mismatches": (int((out["centre_swe"] != extras["idx2"].numpy()).sum()), 0),
-        "fused_bmode max rel": (rel(out["fused_bmode"], to_nhwc(extras["g2"])), 1e-3),
-        "fused_swe max rel": (rel(out["fused_swe"], to_nhwc(extras["e2"])), 1e-3),
-        "given CAMs: probs": (
-            float(np.abs(np.asarray(out_g["probs"]) - probs_g.numpy()).max()),
-            1e-4,
-        ),
-        "given CAMs: B-mode centres": (
-            int((np.asarray(out_g["centre_bmode"]) != extras_g["idx1"].numpy()).sum()),
-            0,
-        ),
-        "given CAMs: SWE centres": (
-            int((np.asarray(out_g["centre_swe"]) != extras_g["idx2"].numpy()).sum()),
-            0,
-        ),
-        "given CAMs: fused_bmode": (
-            rel(np.asarray(out_g["fused_bmode"]), to_nhwc(extras_g["g2"])),
-            1e-3,
-        ),
-        "given CAMs: fused_swe": (
-            rel(np.asarray(out_g["fused_swe"]), to_nhwc(extras_g["e2"])),
-            1e-3,
-        ),
-    }
+    sd, ref = torch_reference(args.size, args.batch, args.seed)
+    if getattr(args, "record", False):
+        meta = {"size": args.size, "batch": args.batch, "seed": args.seed}
+        np.savez_compressed(reference.RECORDED, **ref, **{k: np.int64(v) for k, v in meta.items()})
     line = (
-        f"{args.size}x{args.size}, batch {args.batch}; centres B-mode "
-        f"{out['centre_bmode'].tolist()}, SWE {out['centre_swe'].tolist()}; given CAMs: "
-        f"B-mode {np.asarray(out_g['centre_bmode']).tolist()}, "
-        f"SWE {np.asarray(out_g['centre_swe']).tolist()}"
+        f"{args.size}x{args.size}, batch {args.batch}; centres B-mode {ref['idx1'].tolist()}, "
+        f"SWE {ref['idx2'].tolist()}; given CAMs: B-mode {ref['given_idx1'].tolist()}, "
+        f"SWE {ref['given_idx2'].tolist()}"
     )
-    return checks, line
+    return reference.compare(sd, ref), line
 
 
 def main():
@@ -322,15 +294,19 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help=f"also write the reference outputs to {reference.RECORDED.relative_to(reference.REPO)}"
+        " (CI compares against them without torch)",
+    )
     args = ap.parse_args()
     checks, line = run(args)
     print(line)
-    ok = True
     for name, (value, tol) in checks.items():
-        passed = value <= tol
-        ok &= passed
-        print(f"{name:26s} {value:.3g}  (tolerance {tol:g})  {'ok' if passed else 'FAILED'}")
-    sys.exit(0 if ok else 1)
+        status = "ok" if value <= tol else "FAILED"
+        print(f"{name:26s} {value:.3g}  (tolerance {tol:g})  {status}")
+    sys.exit(1 if reference.failures(checks) else 0)
 
 
 if __name__ == "__main__":
