@@ -80,6 +80,15 @@ def test_run_py_train_evaluate_predict(straight):
     for row in rows[1:]:
         _, _, cal, decision, *_ = row.split(",")
         assert decision == str(int(float(cal) >= calib["threshold"]))
+    # It learns, not only writes files: after 2 epochs the malignant cases (5 of 40, training
+    # cases included) rank above the benign ones. Measured: ROC-AUC 0.88 trained, 0.30 for the
+    # same network at initialisation (0.35 with MAF off); a random ranking reaches 0.75 about
+    # 4 % of the time. (Validation and test hold one malignant case each: too few to tell.)
+    probs, labels = zip(*[(float(r.split(",")[1]), int(r.split(",")[-1])) for r in rows[1:]])
+    pos = [q for q, y in zip(probs, labels) if y == 1]
+    neg = [q for q, y in zip(probs, labels) if y == 0]
+    auc = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    assert auc >= 0.75, auc
 
 
 def test_run_py_rejects_bad_input(tmp_path):
