@@ -51,6 +51,18 @@ FOUR_DEVICES = dict(
 )
 
 
+def with_overrides(cfg, overrides: dict):
+    """`cfg` with dotted overrides applied, as run.py's --config.a.b=v flags do:
+    {"train.optimizer": "sgd", "faithful": True}."""
+    for key, value in overrides.items():
+        node = cfg
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
 def dmaf_shallow(cfg):
     """`cfg` (a DMAF smoke config) with DMAF_SHALLOW applied."""
     for key, value in DMAF_SHALLOW.items():

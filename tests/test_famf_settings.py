@@ -11,6 +11,7 @@ import pytest
 
 from common import optim
 from configs import famf as famf_config
+from conftest import with_overrides
 from famf_jax import experiment, synthetic, train
 
 SPE = 2  # steps per epoch: the paper's StepLR and RDO's epoch counters turn over
@@ -35,15 +36,7 @@ SETTINGS = {
 
 
 def config(setting: dict):
-    cfg = famf_config.get_config("smoke")
-    cfg.train.warmup_epochs = 0
-    for key, value in setting.items():
-        node = cfg
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return with_overrides(famf_config.get_config("smoke"), {"train.warmup_epochs": 0, **setting})
 
 
 def batch(cfg, i: int) -> dict:

@@ -12,19 +12,12 @@ import pytest
 import conftest
 from common import optim
 from configs import famf as famf_config
-from conftest import REPO, latest_step, sigkill_once
+from conftest import REPO, latest_step, sigkill_once, with_overrides
 from famf_jax import experiment, train
 
 
 def smoke(**overrides):
-    cfg = famf_config.get_config("smoke")
-    for key, value in overrides.items():
-        node = cfg
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return with_overrides(famf_config.get_config("smoke"), overrides)
 
 
 def run_py(*args):
