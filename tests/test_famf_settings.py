@@ -115,3 +115,29 @@ def test_paper_sgd_is_pytorchs_with_coupled_l2():
         velocity = d if velocity is None else 0.9 * velocity + d
         want = want - lr * velocity
         np.testing.assert_allclose(np.asarray(params["w"]), want, rtol=1e-6)
+
+
+def test_focal_loss_is_taken_at_rdos_selection():
+    # The step's loss uses the alpha0/gamma RDO selects for it, not the configured ones:
+    # recomputed from the main pass's probabilities at the selection it equals the loss, at
+    # the configuration's values it does not.
+    cfg = config({})
+    state, _ = experiment.create_state(cfg, SPE)
+    b = batch(cfg, 0)
+    loss_fn = train.loss_and_selection(
+        cfg, train.build_model(cfg), state, b, jnp.asarray(True), warm=True
+    )
+    loss, aux = jax.jit(loss_fn)(state.params)
+    sel = aux["selection"]
+    probs = np.asarray(aux["probs"], np.float64)
+    y = np.asarray(b["label"])
+
+    def focal(alpha0, gamma):
+        p = probs[np.arange(len(y)), y]
+        alpha = np.where(y == 0, alpha0, 1 - alpha0)
+        return np.mean(-alpha * (1 - p) ** gamma * np.log(p))
+
+    chosen = (float(sel.alpha0), float(sel.gamma))
+    assert chosen != (cfg.rdo.alpha0, cfg.rdo.gamma), "the first action moved nothing"
+    np.testing.assert_allclose(float(loss), focal(*chosen), rtol=1e-5)
+    assert abs(focal(cfg.rdo.alpha0, cfg.rdo.gamma) - float(loss)) > 1e-3 * float(loss)
