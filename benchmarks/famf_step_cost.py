@@ -122,13 +122,9 @@ def main():
         flops = float(cost.get("flops", float("nan")))
         mem = compiled.memory_analysis()
         temp_gb = getattr(mem, "temp_size_in_bytes", float("nan")) / 2**30
-        jax.block_until_ready(compiled(*inputs))  # warm-up
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*inputs))
-            times.append(time.perf_counter() - t0)
-        results[name] = (flops, statistics.median(times), temp_gb)
+        run = lambda c=compiled: jax.block_until_ready(c(*inputs))  # noqa: E731
+        seconds = median_seconds(run, args.reps)
+        results[name] = (flops, seconds, temp_gb)
         print(
             f"{name:9s} {flops / 1e9:8.1f} GFLOP/step  {temp_gb:5.2f} GiB temporaries  "
             f"median {results[name][1]:.3f} s over {args.reps}",
@@ -146,6 +142,17 @@ def main():
         for what, t in torch_times.items():
             print(f"pytorch   median {t:.3f} s over {args.reps} ({what})")
             print(f"full / pytorch ({what}): time {results['full'][1] / t:.2f}x")
+
+
+def median_seconds(run, reps: int) -> float:
+    """Median wall time of `run()` (which must block until done) over `reps`, after a warm-up."""
+    run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def pytorch_step_times(args) -> dict[str, float] | None:
@@ -174,13 +181,8 @@ def pytorch_step_times(args) -> dict[str, float] | None:
         ("solver step: this batch, then the next batch's CAM pass and forward", nxt),
         ("this batch only: CAM pass, main pass, backward, SGD step", None),
     ):
-        tp.solver_step(model, optimizer, cur, following)  # warm-up
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            tp.solver_step(model, optimizer, cur, following)
-            times.append(time.perf_counter() - t0)
-        out[what] = statistics.median(times)
+        step = lambda n=following: tp.solver_step(model, optimizer, cur, n)  # noqa: E731
+        out[what] = median_seconds(step, args.reps)
     return out
 
 

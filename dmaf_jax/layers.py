@@ -131,6 +131,11 @@ def remat_call(module: nn.Module, *args, **static):
     return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, *args)
 
 
+def call_with(remat: bool):
+    """How the model calls a block: `remat_call`, or directly (same signature)."""
+    return remat_call if remat else lambda module, *args, **static: module(*args, **static)
+
+
 def xavier_dense(features: int, name: str | None = None, **kw) -> nn.Dense:
     """Dense with xavier_uniform weights and zero bias (section 11.17)."""
     return nn.Dense(

@@ -31,20 +31,19 @@ import jax.numpy as jnp
 
 from common.conv import Conv
 from dmaf_jax.fusion import DMAF, mean_fusion, normalise_modalities
-from dmaf_jax.layers import PreNormConv, remat_call, upsample
+from dmaf_jax.layers import PreNormConv, call_with, upsample
 
 DEFAULT_CHANNELS = (8, 16, 32, 64, 128)
 
 
 def _block(remat: bool):
-    """PreNormConv, or a factory of its rematerialised form (same parameters and names):
-    `_block(remat)(features, ...)(x)` either way."""
-    if not remat:
-        return PreNormConv
+    """A factory of pre-norm convolution blocks called through `call_with(remat)` (same
+    parameters and names either way): `_block(remat)(features, ...)(x)`."""
+    call = call_with(remat)
 
     def make(*args, **kwargs):
         block = PreNormConv(*args, **kwargs)
-        return lambda x: remat_call(block, x)
+        return lambda x: call(block, x)
 
     return make
 
@@ -222,8 +221,7 @@ class DMAFNet(nn.Module):
                 # Dropout keys drawn here and passed in, so remat can replay them; the
                 # attention maps of all levels dominate the saved activations at large crops.
                 key = (jax.random.key_data(self.make_rng("dropout")),) if train else ()
-                call = remat_call if self.remat else lambda module, *a: module(*a)
-                y, w = call(self.dmaf[level], f, mask, *key)
+                y, w = call_with(self.remat)(self.dmaf[level], f, mask, *key)
             else:
                 y, w = mean_fusion(f, mask)
             fused.append(y)

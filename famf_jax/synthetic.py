@@ -98,6 +98,15 @@ def make_patient(rng: np.random.Generator, malignant: bool, size: int, cue_noise
     return bmode_u8, (np.clip(swe, 0, 1) * 255).astype(np.uint8)
 
 
+def make_batch(
+    rng: np.random.Generator, labels, size: int, cue_noise: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory (bmode, swe) (B, S, S, 3) float32 in [-1, 1], as the pipeline scales images,
+    one generated patient per label (1 = malignant): for tests and parity checks."""
+    pairs = [make_patient(rng, bool(y), size, cue_noise) for y in labels]
+    return tuple(np.stack([p[k] for p in pairs]).astype(np.float32) / 127.5 - 1.0 for k in (0, 1))
+
+
 def generate(
     out_dir: str | pathlib.Path,
     n_patients: int = 400,

@@ -245,9 +245,7 @@ def lesion_images(batch: int, size: int, seed: int) -> tuple[np.ndarray, np.ndar
     from sample to sample (on noise a random network's CAMs barely depend on the input)."""
     from famf_jax import synthetic
 
-    rng = np.random.default_rng(seed)
-    pairs = [synthetic.make_patient(rng, bool(i % 2), size, 0.2) for i in range(batch)]
-    images = [np.stack([p[k] for p in pairs]).astype(np.float32) / 127.5 - 1 for k in (0, 1)]
+    images = synthetic.make_batch(np.random.default_rng(seed), np.arange(batch) % 2, size)
     return tuple(np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for x in images)
 
 
@@ -271,8 +269,8 @@ def torch_reference(size: int, batch: int, seed: int) -> tuple[dict, dict]:
     with torch.no_grad():
         probs, extras = model(1, t1, t2, cam1, cam2)
         probs_g, extras_g = model(1, t1, t2, torch.tensor(cam_b), torch.tensor(cam_s))
-    ref = {"x1": x1, "x2": x2, "cam_b": cam_b, "cam_s": cam_s, "probs": probs, "cam1": cam1}
-    ref.update(cam2=cam2, given_probs=probs_g)
+    ref = dict(x1=x1, x2=x2, cam_b=cam_b, cam_s=cam_s, probs=probs, cam1=cam1, cam2=cam2)
+    ref["given_probs"] = probs_g
     for k in ("idx1", "idx2", "g2", "e2"):
         ref[k], ref[f"given_{k}"] = extras[k], extras_g[k]
     ref = {k: v.detach().numpy() if torch.is_tensor(v) else v for k, v in ref.items()}

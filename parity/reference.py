@@ -131,13 +131,14 @@ def compare(sd: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> dict
     nhwc = lambda t: np.ascontiguousarray(np.asarray(t).transpose(0, 2, 3, 1))  # noqa: E731
     x1, x2 = nhwc(ref["x1"]), nhwc(ref["x2"])
     out = inference.predict(variables, x1, x2, faithful=True)
-    clean = lambda c: np.nan_to_num(c, nan=0.0)  # noqa: E731 (ours gives 0 where torch gives NaN)
+    # The original's 0/0 normalisation of an all-zero CAM gives NaN where ours gives 0.
+    zero_nan = lambda c: np.nan_to_num(c, nan=0.0)  # noqa: E731
     given = FAMFNet(faithful=True).apply(
         variables,
         jnp.asarray(x1),
         jnp.asarray(x2),
-        jnp.asarray(clean(ref["cam_b"])),
-        jnp.asarray(clean(ref["cam_s"])),
+        jnp.asarray(zero_nan(ref["cam_b"])),
+        jnp.asarray(zero_nan(ref["cam_s"])),
         warm=True,
     )
     given = {k: np.asarray(v) for k, v in given.items()}
@@ -152,11 +153,10 @@ def compare(sd: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> dict
         return int((np.asarray(a) != np.asarray(b)).sum())
 
     t = TOLERANCES
-    cam = lambda c: np.nan_to_num(c, nan=0.0)  # noqa: E731 (the original's all-zero CAM: 0/0)
     return {
         "probs max abs": (absolute(out["probs"], ref["probs"]), t["probs"]),
-        "cam_bmode max abs": (absolute(out["cam_bmode"], cam(ref["cam1"])), t["cam"]),
-        "cam_swe max abs": (absolute(out["cam_swe"], cam(ref["cam2"])), t["cam"]),
+        "cam_bmode max abs": (absolute(out["cam_bmode"], zero_nan(ref["cam1"])), t["cam"]),
+        "cam_swe max abs": (absolute(out["cam_swe"], zero_nan(ref["cam2"])), t["cam"]),
         "centre_bmode mismatches": (mismatches(out["centre_bmode"], ref["idx1"]), t["centre"]),
         "centre_swe mismatches": (mismatches(out["centre_swe"], ref["idx2"]), t["centre"]),
         "fused_bmode max rel": (rel(out["fused_bmode"], nhwc(ref["g2"])), t["fused"]),

@@ -65,10 +65,7 @@ def with_overrides(cfg, overrides: dict):
 
 def dmaf_shallow(cfg):
     """`cfg` (a DMAF smoke config) with DMAF_SHALLOW applied."""
-    for key, value in DMAF_SHALLOW.items():
-        section, field = key.split(".")
-        cfg[section][field] = value
-    return cfg
+    return with_overrides(cfg, DMAF_SHALLOW)
 
 
 def dmaf_shallow_flags() -> list[str]:

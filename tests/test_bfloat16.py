@@ -83,13 +83,9 @@ def shadowed_run(step32, step16, state, batches, call):
 def famf_batch(i: int) -> dict:
     """Generated B-mode/SWE pairs (lesion, speckle, stiffness box) at the smoke input size."""
     rng = np.random.default_rng(i)
-    labels = np.array([0, 1, 0, 0] if i % 2 else [1, 0, 0, 1])
-    pairs = [synthetic.make_patient(rng, bool(y), 32, 0.2) for y in labels]
-
-    def images(k):
-        return np.stack([p[k] for p in pairs]).astype(np.float32) / 127.5 - 1.0
-
-    return jax.device_put({"bmode": images(0), "swe": images(1), "label": labels.astype(np.int32)})
+    labels = np.array([0, 1, 0, 0] if i % 2 else [1, 0, 0, 1], np.int32)
+    bmode, swe = synthetic.make_batch(rng, labels, 32)
+    return jax.device_put({"bmode": bmode, "swe": swe, "label": labels})
 
 
 def famf_cfg(bf16: bool):

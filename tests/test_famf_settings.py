@@ -42,12 +42,8 @@ def config(setting: dict):
 def batch(cfg, i: int) -> dict:
     rng = np.random.default_rng(i)
     labels = np.array([0, 1, 1, 0] if i % 2 else [1, 0, 0, 1], np.int32)
-    pairs = [synthetic.make_patient(rng, bool(y), cfg.data.image_size, 0.2) for y in labels]
-
-    def images(k):
-        return np.stack([p[k] for p in pairs]).astype(np.float32) / 127.5 - 1.0
-
-    return jax.device_put({"bmode": images(0), "swe": images(1), "label": labels})
+    bmode, swe = synthetic.make_batch(rng, labels, cfg.data.image_size)
+    return jax.device_put({"bmode": bmode, "swe": swe, "label": labels})
 
 
 def moved(a, b) -> bool:

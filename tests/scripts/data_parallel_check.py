@@ -131,12 +131,8 @@ def famf(shard, warm: bool = True):
     jitted = train.jit_train_step(cfg, tx, shard, state)
     rng = np.random.default_rng(0)
     labels = np.array([0, 1, 0, 1], np.int32)
-    pairs = [synthetic.make_patient(rng, bool(y), cfg.data.image_size, 0.2) for y in labels]
-    host = {
-        "bmode": np.stack([p[0] for p in pairs]).astype(np.float32) / 127.5 - 1,
-        "swe": np.stack([p[1] for p in pairs]).astype(np.float32) / 127.5 - 1,
-        "label": labels,
-    }
+    bmode, swe = synthetic.make_batch(rng, labels, cfg.data.image_size)
+    host = {"bmode": bmode, "swe": swe, "label": labels}
     batch = train.device_batch(host, shard)
     t, f = (jax.device_put(jnp.asarray(b), shard.replicated) for b in (True, False))
     return state, lambda s, b: jitted(s, b, t, f, warm=warm), batch
