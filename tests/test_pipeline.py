@@ -80,3 +80,30 @@ def test_unreadable_training_pair_is_replaced_by_the_next_named_and_counted(
     assert "training pair P0002" in warned and str(broken) in warned
     with pytest.raises(ValueError, match=str(broken)):  # evaluation: every case counts
         pipeline.LoadPair(CFG).map((2, bad[2]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_training_pair_keeps_its_own_swe_and_label(tmp_path, workers):
+    # Shuffled, augmented and batched (in process or by worker processes), every sample's
+    # B-mode, SWE and label come from the same patient: patient i's images are flat grey
+    # levels that encode i (B-mode rising, SWE falling), its label is i % 2.
+    from PIL import Image
+
+    recs = []
+    for i in range(8):
+        paths = []
+        for name, level in (("gray", 40 + 20 * i), ("elastic", 200 - 20 * i)):
+            path = tmp_path / f"{name}{i}.png"
+            Image.fromarray(np.full((96, 96, 3), level, np.uint8)).save(path)
+            paths.append(str(path))
+        recs.append(Record(f"P{i}", *paths, i % 2))
+    ds = pipeline.train_dataset(recs, CFG, seed=3, epochs=None)
+    seen = set()
+    for b in take(ds, workers, 4, 4):
+        centre = lambda x: (x[:, 16, 16, 0] + 1) * 127.5  # noqa: E731 (back to grey levels)
+        i_b = np.round((centre(b["bmode"]) - 40) / 20).astype(int)
+        i_s = np.round((200 - centre(b["swe"])) / 20).astype(int)
+        np.testing.assert_array_equal(i_b, i_s)
+        np.testing.assert_array_equal(b["label"], i_b % 2)
+        seen.update(i_b.tolist())
+    assert len(seen) == 8
