@@ -3,9 +3,11 @@
 A focal-loss model trained on imbalanced data ranks well but its P(positive) is not a
 probability and 0.5 is not where it separates best. `fit_temperature` rescales its logit
 (temperature scaling: p' = sigmoid(logit(p) / T), T by maximum likelihood on the validation
-labels; monotone, so the ranking and ROC-AUC stay the same); `choose_threshold` picks the
-decision threshold on the calibrated validation probabilities, by the best F1 or the highest
-threshold that keeps a target sensitivity. Both are plain numpy on the host.
+labels, smoothed as Platt's targets so a perfectly ranked validation split does not send T to
+0; monotone, so the ranking and ROC-AUC stay the same); `choose_threshold` picks the decision
+threshold on the calibrated validation probabilities, by the best F1 or the highest threshold
+that keeps a target sensitivity, halfway in logit space between the validation cases it
+separates. Both are plain numpy on the host.
 """
 
 from __future__ import annotations
@@ -29,19 +31,29 @@ def apply_temperature(prob_pos: np.ndarray, temperature: float) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function without overflow
 
 
-def _nll(labels: np.ndarray, z: np.ndarray, log_t: float) -> float:
+def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
     s = z / math.exp(log_t)
-    # -[y log sigmoid(s) + (1 - y) log sigmoid(-s)], stably
-    return float(np.mean(np.logaddexp(0.0, -s) * labels + np.logaddexp(0.0, s) * (1 - labels)))
+    # -[t log sigmoid(s) + (1 - t) log sigmoid(-s)], stably
+    return float(np.mean(np.logaddexp(0.0, -s) * targets + np.logaddexp(0.0, s) * (1 - targets)))
+
+
+def platt_targets(labels: np.ndarray) -> np.ndarray:
+    """(N+ + 1) / (N+ + 2) for positives, 1 / (N- + 2) for negatives (Platt 1999): the
+    posterior mean of each class's rate under a uniform prior, instead of 1 and 0, so that
+    separable validation labels have a finite best temperature."""
+    y = np.asarray(labels, np.float64)
+    n_pos, n_neg = y.sum(), len(y) - y.sum()
+    return np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
 
 
 def fit_temperature(labels: np.ndarray, prob_pos: np.ndarray, iters: int = 100) -> float:
-    """The T minimising the validation negative log-likelihood (golden-section search on log T;
-    the NLL is unimodal in log T for a fixed logit sign pattern). 1.0 when the labels hold one
-    class only (nothing to fit)."""
+    """The T minimising the validation negative log-likelihood against Platt's targets
+    (golden-section search on log T; unimodal in log T for a fixed logit sign pattern). 1.0
+    when the labels hold one class only (nothing to fit)."""
     y = np.asarray(labels, np.float64)
     if len(y) == 0 or y.min() == y.max():
         return 1.0
+    y = platt_targets(y)
     z = _logit(prob_pos)
     lo, hi = LOG_T_RANGE
     g = (math.sqrt(5) - 1) / 2
@@ -64,16 +76,22 @@ def choose_threshold(
 ) -> float:
     """Decision threshold (predict positive when p >= threshold) on validation probabilities.
 
-    Candidates are the midpoints between consecutive distinct scores (so no validation case
-    sits on the boundary) and the ends. Default: the best F1 (ties: the higher threshold,
-    fewer false positives). With `target_sensitivity`: the highest threshold whose sensitivity
-    is at least the target. 0.5 when the labels hold one class only."""
+    Candidates are the midpoints in logit space between consecutive distinct scores (so no
+    validation case sits on the boundary, and a gap between saturated and unsaturated scores
+    is split in the model's own scale, not next to one side) and the ends. Default: the best
+    F1 (ties: the higher threshold, fewer false positives). With `target_sensitivity`: the
+    highest threshold whose sensitivity is at least the target. 0.5 when the labels hold one
+    class only."""
     y = np.asarray(labels).astype(bool)
     p = np.asarray(prob_pos, np.float64)
     if len(y) == 0 or y.all() or not y.any():
         return 0.5
     s = np.unique(p)
-    candidates = np.concatenate([[s[0]], (s[:-1] + s[1:]) / 2, [np.nextafter(s[-1], 2.0)]])
+    z = _logit(s)
+    halfway = 0.5 * (1.0 + np.tanh(0.25 * (z[:-1] + z[1:])))  # sigmoid of the mean logit
+    # clipped scores (logits of 0 and 1 are finite) can make a midpoint miss its gap
+    halfway = np.clip(halfway, np.nextafter(s[:-1], 2.0), s[1:])
+    candidates = np.concatenate([[s[0]], halfway, [np.nextafter(s[-1], 2.0)]])
     best, best_key = 0.5, None
     for t in candidates:
         pred = p >= t

@@ -25,11 +25,42 @@ def test_temperature_edge_cases():
     assert calibration.fit_temperature([], []) == 1.0
 
 
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-np.asarray(z, np.float64)))
+
+
 def test_threshold_by_f1_and_by_sensitivity():
     p = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7])
     y = np.array([0, 0, 1, 0, 1, 1])
-    # >= 0.25: tp 3, fp 1 -> F1 6/7, the best (0.5 gives 4/5, 0.35 gives 2/3)
-    assert calibration.choose_threshold(y, p) == pytest.approx(0.25)
-    assert calibration.choose_threshold(y, p, target_sensitivity=1.0) == pytest.approx(0.25)
+    # between 0.2 and 0.3: tp 3, fp 1 -> F1 6/7, the best (0.5 gives 4/5, 0.35 gives 2/3);
+    # the boundary is the midpoint in logit space
+    between = _sigmoid((calibration._logit(0.2) + calibration._logit(0.3)) / 2)
+    assert calibration.choose_threshold(y, p) == pytest.approx(between)
+    assert calibration.choose_threshold(y, p, target_sensitivity=1.0) == pytest.approx(between)
     assert calibration.choose_threshold(y, p, target_sensitivity=0.6) == pytest.approx(0.5)
     assert calibration.choose_threshold(np.zeros(6), p) == 0.5
+
+
+def test_threshold_is_the_logit_midpoint_of_a_separating_gap():
+    """Scores that saturate on one side: a probability midpoint would sit next to the lowest
+    positive (here 0.5 of it), a test positive just below it missed; the logit midpoint is
+    as far from both classes in the model's own scale."""
+    z = np.array([-9.0, -8.0, -7.0, -6.0, -1.0, 0.0, 2.0])
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    t = calibration.choose_threshold(y, _sigmoid(z))
+    assert t == pytest.approx(_sigmoid(-3.5))
+    assert calibration.choose_threshold(y, _sigmoid(z), target_sensitivity=1.0) == pytest.approx(t)
+
+
+def test_temperature_of_separable_validation_stays_finite():
+    """Perfectly ranked validation scores: maximum likelihood sends T to 0 (P = 0 or 1, a
+    threshold squeezed onto one case); Platt's targets (N+ + 1)/(N+ + 2) and 1/(N- + 2) keep
+    it where the calibrated probabilities stay below 1 and above 0."""
+    z = np.r_[np.linspace(-5, -2, 70), np.linspace(0.5, 3, 10)]
+    y = np.r_[np.zeros(70), np.ones(10)]
+    t = calibration.fit_temperature(y, _sigmoid(z))
+    lo, hi = calibration.LOG_T_RANGE
+    assert np.exp(lo) * 1.5 < t < np.exp(hi) / 1.5  # not at a search bound
+    q = calibration.apply_temperature(_sigmoid(z), t)
+    assert q[y == 1].min() < 1 - 1 / 12 and q[y == 0].max() > 1 / 72  # the targets' reach
+    assert q[y == 1].min() > 0.5 > q[y == 0].max()  # still separated at 0.5
