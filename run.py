@@ -36,9 +36,10 @@ def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
 
     if mode == "train":
         for k, r in enumerate(train.train(cfg, workdir)):
-            b = r.best["f1_acc"]
-            shown = {c: b["metrics"][c] for c in r.best} if b["metrics"] else None
-            print(f"fold {k}: best F1+Acc checkpoint step {b['step']} {shown} ({r.seconds:.0f} s)")
+            c = cfg.eval.criterion
+            b = r.best[c]
+            shown = {m: b["metrics"][m] for m in r.best} if b["metrics"] else None
+            print(f"fold {k}: best {c} checkpoint step {b['step']} {shown} ({r.seconds:.0f} s)")
     elif mode == "evaluate":
         result = evaluate.evaluate(cfg, workdir)
         t = result["test"]

@@ -83,6 +83,21 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The highest F1 of any threshold on `scores` (predict positive when score >= threshold):
+    the validation F1 of the operating point `common.calibration.choose_threshold` picks, and
+    threshold-free, so a model is not judged by where its scores cross 0.5."""
+    labels = np.asarray(labels).astype(int)
+    if labels.sum() == 0:
+        return 0.0
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    s, y = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(y)[last_of_tie]
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (predicted positives + positives)
+    return float(np.max(2 * tps / (last_of_tie + 1 + y.sum())))
+
+
 def classification_metrics(
     labels: np.ndarray, prob_pos: np.ndarray, threshold: float = 0.5
 ) -> dict[str, float]:

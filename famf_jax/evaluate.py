@@ -167,6 +167,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         valid_records = data.split(k, "valid")
         valid, p_valid = split_metrics(cfg, variables, valid_records, warm, f"fold {k} valid")
         calib = fit_calibration(cfg, np.array([r.label for r in valid_records]), p_valid)
+        calib["step"] = meta["step"]  # predict uses it only with this checkpoint
         write_calibration(workdir, k, calib)
         test_records = data.split(k, "test")
         test, p = split_metrics(cfg, variables, test_records, warm, f"fold {k} test")
@@ -296,14 +297,15 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
         "",
         "## Per fold",
         "",
-        "| fold | step | epoch | valid F1+Acc | test AUC | test F1 | test sens | test spec |"
+        f"| fold | step | epoch | valid {result['criterion']} | test AUC | test F1 | test sens "
+        "| test spec |"
         " test n (pos) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for f in result["folds"]:
-        te = f["test"]
+        te, criterion = f["test"], f["valid"].get(result["criterion"])
         lines.append(
-            f"| {f['fold']} | {f['step']} | {f['epoch']} | {_fmt(f['valid']['f1_acc'])} "
+            f"| {f['fold']} | {f['step']} | {f['epoch']} | {_fmt(criterion)} "
             f"| {_fmt(te['roc_auc'])} | {_fmt(te['f1'])} | {_fmt(te['sensitivity'])} "
             f"| {_fmt(te['specificity'])} | {te['n']} ({te['n_positive']}) |"
         )
@@ -398,13 +400,22 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
         )
         per_fold.append(p)
         calib = calibs[k]
+        if calib is not None and calib.get("step", meta["step"]) != meta["step"]:
+            logging.warning(
+                "predict: fold %d's calibration was fitted for checkpoint %s, predict restores "
+                "%s (run --mode=evaluate with the same eval.checkpoint)",
+                k,
+                calib["step"],
+                meta["step"],
+            )
+            calib = None
         if calib is not None:
             calibrated.append(calibration.apply_temperature(p, calib["temperature"]))
             thresholds.append(calib["threshold"])
     if len(calibrated) < len(folds):
         logging.warning(
-            "predict: no calibration for some folds (run --mode=evaluate first): the calibrated "
-            "probability and the decision are left empty"
+            "predict: no usable calibration for some folds (run --mode=evaluate first): the "
+            "calibrated probability and the decision are left empty"
         )
         calibrated = []
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ from famf_jax import dataset, pipeline, rdo, synthetic
 from famf_jax.inference import predict_core
 from famf_jax.model import FAMFNet, init_variables
 
-BEST_CRITERIA = ("f1_acc", "f1", "accuracy")
+# f1_acc, f1, accuracy: the original's (at 0.5); f1_best_auc: threshold-free (see split_metrics)
+BEST_CRITERIA = ("f1_acc", "f1", "accuracy", "f1_best_auc")
 STREAMS = {"both": ("bmode", "swe"), "bmode": ("bmode",), "swe": ("swe",)}
 
 
@@ -529,9 +530,14 @@ def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") 
 
 
 def split_metrics(cfg, variables, records, warm: bool, desc: str) -> tuple[dict, np.ndarray]:
-    """Classification metrics of a split (plus `f1_acc`, the default criterion), and P(1)."""
+    """Classification metrics of a split, and P(1). Plus the checkpoint criteria: `f1_acc`
+    (F1 + accuracy at 0.5, the original's) and `f1_best_auc` (the best F1 over thresholds +
+    ROC-AUC: how the model does at the operating point evaluation will choose on this split,
+    and how it ranks; a model whose scores cross 0.5 in the wrong place is not passed over)."""
     p = predict_records(cfg, variables, records, warm=warm, desc=desc)
     labels = np.array([r.label for r in records])
     m = metrics_lib.classification_metrics(labels, p)
     m["f1_acc"] = m["f1"] + m["accuracy"]
+    m["f1_best"] = metrics_lib.best_f1(labels, p)
+    m["f1_best_auc"] = m["f1_best"] + m["roc_auc"]
     return m, p

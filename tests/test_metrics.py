@@ -31,6 +31,21 @@ def test_against_sklearn(seed):
     np.testing.assert_allclose(metrics.specificity_at_sensitivity(y, p, 0.9), want)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_best_f1_is_the_best_threshold_f1(seed):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(50) < 0.25).astype(int)
+    y[:2] = [0, 1]
+    p = np.round(rng.random(50) * 0.6 + 0.4 * y, 1 + seed % 2)  # ties at seed 0, 2
+    prec, rec, _ = skm.precision_recall_curve(y, p)
+    with np.errstate(invalid="ignore"):
+        want = np.nanmax(2 * prec * rec / (prec + rec))
+    assert metrics.best_f1(y, p) == pytest.approx(want)
+    brute = max(skm.f1_score(y, p >= t, zero_division=0) for t in np.unique(p))
+    assert metrics.best_f1(y, p) == pytest.approx(brute)
+    assert metrics.best_f1(np.zeros(4), p[:4]) == 0.0  # no positives: no F1 above 0
+
+
 def test_degenerate_cases():
     y = np.zeros(5, int)
     m = metrics.classification_metrics(y, np.full(5, 0.1))
