@@ -448,6 +448,8 @@ def choose_checkpoint(cfg, workdir: pathlib.Path, fold: int, n_folds: int | None
         ckpt = checkpointer(workdir, fold, read_only=True)
         try:
             step = ckpt.best_step(cfg.eval.criterion)
+            if step is None:
+                _no_criterion(cfg, ckpt, where, steps)
         finally:
             ckpt.close()
         step = steps[-1] if step is None else step
@@ -458,6 +460,24 @@ def choose_checkpoint(cfg, workdir: pathlib.Path, fold: int, n_folds: int | None
             f"checkpoint {where / str(step)} was made with {', '.join(diff)}: set the same"
         )
     return step, meta
+
+
+def _no_criterion(cfg, ckpt, where: pathlib.Path, steps: list[int]) -> None:
+    """No step has a number for `eval.criterion`: fine for imported weights (no validation
+    metrics at all: the latest is used); an error for checkpoints validated without it (a
+    workdir trained before the criterion existed), rather than silently the latest."""
+    have = set()
+    for s in steps:
+        try:
+            have |= {c for c in BEST_CRITERIA if c in (ckpt.meta(s).get("metrics") or {})}
+        except Exception:  # an unreadable step is reported when it is restored
+            continue
+    if have:
+        raise ValueError(
+            f"no checkpoint in {where} has a validation {cfg.eval.criterion} (trained before "
+            f"that criterion existed?): set eval.criterion to one they have "
+            f"({', '.join(sorted(have))}) or eval.checkpoint to a step ({steps})"
+        )
 
 
 def _checkpoint_config(cfg, saved: dict):

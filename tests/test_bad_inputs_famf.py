@@ -89,12 +89,15 @@ def _copy_images(data: Data, tmp: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def _fake_trained(workdir: pathlib.Path) -> pathlib.Path:
-    """A workdir whose fold_0 holds a checkpoint at step 0 with the smoke config's meta (the
-    state is a stand-in: every case here fails before a restore)."""
+def _fake_trained(workdir: pathlib.Path, metrics: dict | None = None) -> pathlib.Path:
+    """A workdir whose fold_0 holds a checkpoint at step 0 with the smoke config's meta and the
+    given validation `metrics` (the state is a stand-in: every case here fails before a
+    restore)."""
     cfg = famf_config.get_config("smoke")
     ckpt = experiment.checkpointer(workdir, 0)
     meta = {"config": cfg.to_dict(), "fold": 0, "epoch": 1, "step": 0, "warm": True}
+    if metrics is not None:
+        meta["metrics"] = metrics
     ckpt.save(0, {"w": np.zeros(2, np.float32)}, meta)
     ckpt.close()
     return workdir
@@ -272,6 +275,13 @@ def evaluate_unknown_step(data, tmp):
     return Case(["--mode=evaluate", "--config.eval.checkpoint=7"], w, ("eval.checkpoint=7", "[0]"))
 
 
+def evaluate_criterion_not_recorded(data, tmp):
+    # Trained before f1_best_auc existed: an error, not silently the latest checkpoint.
+    w = _fake_trained(tmp / "w", {"f1_acc": 1.5, "f1": 0.6, "accuracy": 0.9})
+    args = ["--mode=evaluate", "--config.eval.criterion=f1_best_auc"]
+    return Case(args, w, ("validation f1_best_auc", "accuracy, f1, f1_acc", "[0]"))
+
+
 def evaluate_untrained_fold(data, tmp):
     w = _fake_trained(tmp / "w")
     args = ["--mode=evaluate", f"--config.data.manifest={data.manifest}", "--config.data.folds=2"]
@@ -402,6 +412,7 @@ IN_PROCESS = _named(
     evaluate_no_workdir,
     evaluate_unknown_step,
     evaluate_other_model,
+    evaluate_criterion_not_recorded,
     evaluate_damaged_checkpoint,
     predict_no_input,
     predict_output_under_a_file,
