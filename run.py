@@ -38,7 +38,7 @@ def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
         for k, r in enumerate(train.train(cfg, workdir)):
             c = cfg.eval.criterion
             b = r.best[c]
-            shown = {m: b["metrics"][m] for m in r.best} if b["metrics"] else None
+            shown = {m: b["metrics"].get(m) for m in r.best} if b["metrics"] else None
             print(f"fold {k}: best {c} checkpoint step {b['step']} {shown} ({r.seconds:.0f} s)")
     elif mode == "evaluate":
         result = evaluate.evaluate(cfg, workdir)

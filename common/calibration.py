@@ -4,7 +4,8 @@ A focal-loss model trained on imbalanced data ranks well but its P(positive) is 
 probability and 0.5 is not where it separates best. `fit_temperature` rescales its logit
 (temperature scaling: p' = sigmoid(logit(p) / T), T by maximum likelihood on the validation
 labels, smoothed as Platt's targets so a perfectly ranked validation split does not send T to
-0; monotone, so the ranking and ROC-AUC stay the same); `choose_threshold` picks the decision
+0; monotone, so the ranking and ROC-AUC stay the same, but for scores so far below 1e-300 or so
+close to 1 that float64 cannot tell them apart); `choose_threshold` picks the decision
 threshold on the calibrated validation probabilities, by the best F1 or the highest threshold
 that keeps a target sensitivity, halfway in logit space between the validation cases it
 separates. Both are plain numpy on the host.
@@ -15,20 +16,25 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import expit
 
-PROB_CLIP = 1e-7  # logits of probabilities that round to 0 or 1 stay finite
+# The fit reads probabilities within 1e-7 of 0 or 1 as that far (a float32 softmax cannot
+# resolve more near 1), so one saturated mistake does not decide the temperature.
+PROB_CLIP = 1e-7
+# Elsewhere only exact 0 and 1 are moved, to the nearest float64 inside (0, 1), so distinct
+# scores keep distinct logits (a threshold between 1e-10 and 1e-9 stays between them).
+_FINEST = (np.finfo(np.float64).smallest_subnormal, np.nextafter(1.0, 0.0))
 LOG_T_RANGE = (-4.0, 4.0)  # T in [e^-4, e^4]
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), PROB_CLIP, 1 - PROB_CLIP)
+def _logit(p: np.ndarray, bounds: tuple[float, float] = _FINEST) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), *bounds)
     return np.log(p) - np.log1p(-p)
 
 
 def apply_temperature(prob_pos: np.ndarray, temperature: float) -> np.ndarray:
-    """sigmoid(logit(p) / T), float64."""
-    z = _logit(prob_pos) / temperature
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function without overflow
+    """sigmoid(logit(p) / T), float64 (the identity at T = 1)."""
+    return expit(_logit(prob_pos) / temperature)
 
 
 def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
@@ -54,7 +60,7 @@ def fit_temperature(labels: np.ndarray, prob_pos: np.ndarray, iters: int = 100) 
     if len(y) == 0 or y.min() == y.max():
         return 1.0
     y = platt_targets(y)
-    z = _logit(prob_pos)
+    z = _logit(prob_pos, (PROB_CLIP, 1 - PROB_CLIP))
     lo, hi = LOG_T_RANGE
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
@@ -88,9 +94,8 @@ def choose_threshold(
         return 0.5
     s = np.unique(p)
     z = _logit(s)
-    halfway = 0.5 * (1.0 + np.tanh(0.25 * (z[:-1] + z[1:])))  # sigmoid of the mean logit
-    # clipped scores (logits of 0 and 1 are finite) can make a midpoint miss its gap
-    halfway = np.clip(halfway, np.nextafter(s[:-1], 2.0), s[1:])
+    # rounding (and the finite logits of 0 and 1) can put a midpoint on or outside its gap
+    halfway = np.clip(expit((z[:-1] + z[1:]) / 2), np.nextafter(s[:-1], 2.0), s[1:])
     candidates = np.concatenate([[s[0]], halfway, [np.nextafter(s[-1], 2.0)]])
     best, best_key = 0.5, None
     for t in candidates:

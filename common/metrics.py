@@ -85,8 +85,9 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
     """The highest F1 of any threshold on `scores` (predict positive when score >= threshold):
-    the validation F1 of the operating point `common.calibration.choose_threshold` picks, and
-    threshold-free, so a model is not judged by where its scores cross 0.5."""
+    the validation F1 of the operating point `common.calibration.choose_threshold` picks (by
+    F1) on these scores or any monotone recalibration of them, so a model is not judged by
+    where its scores cross 0.5."""
     labels = np.asarray(labels).astype(int)
     if labels.sum() == 0:
         return 0.0

@@ -81,7 +81,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     e.checkpoint = config_dict.placeholder(int)  # step to restore; default the best by criterion
     # Which best checkpoint (on validation) evaluate/predict use: f1_acc (F1 + accuracy at 0.5,
     # the original's), f1, accuracy, or f1_best_auc (the best F1 over thresholds + ROC-AUC:
-    # judged where the operating point will be, not at 0.5)
+    # judged where the best-F1 operating point will be, not at 0.5)
     e.criterion = "f1_acc"
     e.batch_size = 8
     e.overlays = 4  # test patients drawn with CAMs and lesion centres in the report

@@ -280,9 +280,10 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
         "",
         "## At the validation-chosen operating point",
         "",
-        f"Per fold, a temperature fitted on the validation split (maximum likelihood) calibrates "
-        f"P(malignant), and the decision threshold is chosen on the calibrated validation "
-        f"probabilities ({rule}); the rows above use the fixed 0.5 on the raw probabilities.",
+        f"Per fold, a temperature fitted on the validation split (maximum likelihood against "
+        f"Platt's targets) calibrates P(malignant), and the decision threshold is chosen on the "
+        f"calibrated validation probabilities ({rule}, halfway in logit space between the cases "
+        f"it separates); the rows above use the fixed 0.5 on the raw probabilities.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -400,12 +401,12 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
         )
         per_fold.append(p)
         calib = calibs[k]
-        if calib is not None and calib.get("step", meta["step"]) != meta["step"]:
+        if calib is not None and calib.get("step") != meta["step"]:
             logging.warning(
                 "predict: fold %d's calibration was fitted for checkpoint %s, predict restores "
                 "%s (run --mode=evaluate with the same eval.checkpoint)",
                 k,
-                calib["step"],
+                calib.get("step", "unknown (a calibration.json from before steps were recorded)"),
                 meta["step"],
             )
             calib = None

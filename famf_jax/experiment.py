@@ -9,6 +9,7 @@ metrics, which validation during training and the final evaluation share.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import shutil
@@ -469,7 +470,8 @@ def _no_criterion(cfg, ckpt, where: pathlib.Path, steps: list[int]) -> None:
     have = set()
     for s in steps:
         try:
-            have |= {c for c in BEST_CRITERIA if c in (ckpt.meta(s).get("metrics") or {})}
+            metrics = ckpt.meta(s).get("metrics") or {}
+            have |= {c for c in BEST_CRITERIA if isinstance(metrics.get(c), int | float)}
         except Exception:  # an unreadable step is reported when it is restored
             continue
     if have:
@@ -552,12 +554,13 @@ def predict_records(cfg, variables, records, *, warm: bool, desc: str = "eval") 
 def split_metrics(cfg, variables, records, warm: bool, desc: str) -> tuple[dict, np.ndarray]:
     """Classification metrics of a split, and P(1). Plus the checkpoint criteria: `f1_acc`
     (F1 + accuracy at 0.5, the original's) and `f1_best_auc` (the best F1 over thresholds +
-    ROC-AUC: how the model does at the operating point evaluation will choose on this split,
-    and how it ranks; a model whose scores cross 0.5 in the wrong place is not passed over)."""
+    ROC-AUC: how the model does at the best-F1 operating point evaluation will choose on this
+    split, and how it ranks; a model whose scores cross 0.5 late is not passed over)."""
     p = predict_records(cfg, variables, records, warm=warm, desc=desc)
     labels = np.array([r.label for r in records])
     m = metrics_lib.classification_metrics(labels, p)
     m["f1_acc"] = m["f1"] + m["accuracy"]
     m["f1_best"] = metrics_lib.best_f1(labels, p)
-    m["f1_best_auc"] = m["f1_best"] + m["roc_auc"]
+    # one class in the split (ROC-AUC undefined): F1 alone, so checkpoints still compare
+    m["f1_best_auc"] = m["f1_best"] + (m["roc_auc"] if math.isfinite(m["roc_auc"]) else 0.0)
     return m, p

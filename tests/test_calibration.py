@@ -19,8 +19,11 @@ def test_temperature_recovers_an_overconfident_model():
 
 
 def test_temperature_edge_cases():
-    p = np.array([0.2, 0.9, 1.0, 0.0])
-    np.testing.assert_allclose(calibration.apply_temperature(p, 1.0), [0.2, 0.9, 1 - 1e-7, 1e-7])
+    p = np.array([0.2, 0.9, 1.0, 0.0, 1e-12, 1e-11])
+    q = calibration.apply_temperature(p, 1.0)
+    np.testing.assert_allclose(q, p, rtol=1e-12, atol=1e-300)  # T = 1: the identity
+    q = calibration.apply_temperature(p, 0.2)
+    assert np.all(np.diff(q[np.argsort(p)]) > 0)  # distinct scores stay distinct, 0 and 1 too
     assert calibration.fit_temperature(np.ones(4), p) == 1.0  # one class: nothing to fit
     assert calibration.fit_temperature([], []) == 1.0
 
@@ -64,3 +67,18 @@ def test_temperature_of_separable_validation_stays_finite():
     q = calibration.apply_temperature(_sigmoid(z), t)
     assert q[y == 1].min() < 1 - 1 / 12 and q[y == 0].max() > 1 / 72  # the targets' reach
     assert q[y == 1].min() > 0.5 > q[y == 0].max()  # still separated at 0.5
+    # the optimum against exactly these targets: d NLL / d(1/T) = mean((q - target) z) = 0
+    np.testing.assert_allclose(calibration.platt_targets(y)[[0, -1]], [1 / 72, 11 / 12])
+    np.testing.assert_allclose(calibration.platt_targets([1, 0, 0]), [2 / 3, 1 / 4, 1 / 4])
+    gradient = np.mean((q - calibration.platt_targets(y)) * z)
+    assert abs(gradient) < 1e-6, gradient  # other targets: T 0.63 to 1.54, |gradient| > 1e-2
+
+
+def test_threshold_between_scores_that_saturate():
+    """Scores below the fit's 1e-7 clip stay apart: the threshold separates them, halfway in
+    logit space, not on a validation case."""
+    y, q = np.array([0, 1, 1]), np.array([0.0, 1e-9, 0.9])
+    t = calibration.choose_threshold(y, q)
+    assert 0.0 < t < 1e-9
+    y, q = np.array([0, 0, 1, 1]), np.array([1e-12, 1e-10, 1e-9, 0.9])
+    assert calibration.choose_threshold(y, q) == pytest.approx(np.sqrt(1e-19), rel=1e-6)

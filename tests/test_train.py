@@ -43,7 +43,8 @@ def straight(tmp_path_factory):
 @pytest.mark.slow
 def test_run_py_train_evaluate_predict(straight):
     work = straight / "straight"
-    base = [*smoke_flags(straight), f"--workdir={work}"]
+    # the demo's criterion (training validated every checkpoint with all of them)
+    base = [*smoke_flags(straight), f"--workdir={work}", "--config.eval.criterion=f1_best_auc"]
     r = run_py(*base, "--mode=evaluate")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test: accuracy" in r.stdout
@@ -53,6 +54,10 @@ def test_run_py_train_evaluate_predict(straight):
     op = m["test"]["operating_point"]
     assert set(op) == {"threshold", "f1", "sensitivity", "specificity", "precision"}
     assert 0 <= m["test"]["ece_calibrated"] <= 1
+    assert m["criterion"] == "f1_best_auc"
+    rows = [json.loads(x) for x in (work / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    _, best = max((r["valid/f1_best_auc"], r["step"]) for r in rows if "valid/f1_best_auc" in r)
+    assert m["folds"][0]["step"] == best  # the highest, the later on ties
     calib = json.loads((work / "fold_0" / "calibration.json").read_text())
     assert calib["temperature"] > 0 and op["threshold"] == calib["threshold"]
     assert calib["step"] == m["folds"][0]["step"]
