@@ -37,6 +37,17 @@ def apply_temperature(prob_pos: np.ndarray, temperature: float) -> np.ndarray:
     return expit(_logit(prob_pos) / temperature)
 
 
+def combine_folds(
+    calibrated: list[np.ndarray], thresholds: list[float]
+) -> tuple[np.ndarray, float]:
+    """(probability (N,), threshold) of an ensemble of folds, each with its calibrated
+    probabilities (N,) and its own threshold: both averaged in logit space, the space the
+    thresholds were chosen in, so `probability >= threshold` holds exactly when the folds'
+    mean logit margin over their thresholds is >= 0 (one fold: unchanged)."""
+    z = np.mean([_logit(q) for q in calibrated], axis=0)
+    return expit(z), float(expit(np.mean([_logit(t) for t in thresholds])))
+
+
 def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
     s = z / math.exp(log_t)
     # -[t log sigmoid(s) + (1 - t) log sigmoid(-s)], stably

@@ -6,7 +6,8 @@ and the fixed test set, and writes `metrics.json`, `report.md` and the figures t
 Per fold it also fits a temperature and a decision threshold on the validation split
 (`common.calibration`, `eval.operating_point`), reports the test set at that operating point
 beside the fixed 0.5, and keeps them in `fold_<k>/calibration.json` for `predict_folder`, which
-writes per-patient raw and calibrated probabilities and the decision for new data.
+writes per-patient raw and calibrated probabilities and the decision for new data (folds
+combined in logit space, `common.calibration.combine_folds`).
 """
 
 from __future__ import annotations
@@ -421,8 +422,9 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
         calibrated = []
     out.parent.mkdir(parents=True, exist_ok=True)
     mean = np.mean(per_fold, axis=0)
-    cal = np.mean(calibrated, axis=0) if calibrated else None
-    threshold = float(np.mean(thresholds)) if calibrated else None
+    cal, threshold = (
+        calibration.combine_folds(calibrated, thresholds) if calibrated else (None, None)
+    )
     with atomic.open_text(out, newline="") as f:
         w = csv.writer(f)
         w.writerow(

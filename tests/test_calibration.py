@@ -82,3 +82,17 @@ def test_threshold_between_scores_that_saturate():
     assert 0.0 < t < 1e-9
     y, q = np.array([0, 0, 1, 1]), np.array([1e-12, 1e-10, 1e-9, 0.9])
     assert calibration.choose_threshold(y, q) == pytest.approx(np.sqrt(1e-19), rel=1e-6)
+
+
+def test_folds_combine_in_logit_space():
+    q1, q2 = np.array([0.9, 0.2, 0.45]), np.array([0.6, 0.015, 0.02])
+    p, t = calibration.combine_folds([q1], [0.4])
+    np.testing.assert_allclose(p, q1, rtol=1e-12)  # one fold: unchanged
+    assert t == pytest.approx(0.4, rel=1e-12)
+    p, t = calibration.combine_folds([q1, q2], [0.5, 0.01])
+    logit = lambda x: np.log(x / (1 - x))  # noqa: E731
+    np.testing.assert_allclose(logit(p), (logit(q1) + logit(q2)) / 2, rtol=1e-12)
+    assert logit(t) == pytest.approx((logit(0.5) + logit(0.01)) / 2, rel=1e-12)
+    # third case: just below fold 1's threshold (margin -0.20), twice fold 2's (+0.71): the mean
+    # margin is positive, malignant (a mean probability 0.235 < mean threshold 0.255 said no)
+    np.testing.assert_array_equal(p >= t, [True, False, True])
