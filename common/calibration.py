@@ -54,6 +54,13 @@ def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
     return float(np.mean(np.logaddexp(0.0, -s) * targets + np.logaddexp(0.0, s) * (1 - targets)))
 
 
+def at_search_bound(temperature: float) -> bool:
+    """Whether a fitted T sits at an end of LOG_T_RANGE: at e^4 the validation scores carry
+    next to no information about the labels (or rank them backwards); at e^-4 they are
+    separable by a margin too wide for any finite T to matter."""
+    return min(abs(math.log(temperature) - b) for b in LOG_T_RANGE) < 1e-3
+
+
 def platt_targets(labels: np.ndarray) -> np.ndarray:
     """(N+ + 1) / (N+ + 2) for positives, 1 / (N- + 2) for negatives (Platt 1999): the
     posterior mean of each class's rate under a uniform prior, instead of 1 and 0, so that

@@ -25,6 +25,7 @@ def test_temperature_edge_cases():
     q = calibration.apply_temperature(p, 0.2)
     assert np.all(np.diff(q[np.argsort(p)]) > 0)  # distinct scores stay distinct, 0 and 1 too
     assert calibration.fit_temperature(np.ones(4), p) == 1.0  # one class: nothing to fit
+    assert not calibration.at_search_bound(1.0)
     assert calibration.fit_temperature([], []) == 1.0
 
 
@@ -62,8 +63,7 @@ def test_temperature_of_separable_validation_stays_finite():
     z = np.r_[np.linspace(-5, -2, 70), np.linspace(0.5, 3, 10)]
     y = np.r_[np.zeros(70), np.ones(10)]
     t = calibration.fit_temperature(y, _sigmoid(z))
-    lo, hi = calibration.LOG_T_RANGE
-    assert np.exp(lo) * 1.5 < t < np.exp(hi) / 1.5  # not at a search bound
+    assert not calibration.at_search_bound(t)
     q = calibration.apply_temperature(_sigmoid(z), t)
     assert q[y == 1].min() < 1 - 1 / 12 and q[y == 0].max() > 1 / 72  # the targets' reach
     assert q[y == 1].min() > 0.5 > q[y == 0].max()  # still separated at 0.5
@@ -96,3 +96,12 @@ def test_folds_combine_in_logit_space():
     # third case: just below fold 1's threshold (margin -0.20), twice fold 2's (+0.71): the mean
     # margin is positive, malignant (a mean probability 0.235 < mean threshold 0.255 said no)
     np.testing.assert_array_equal(p >= t, [True, False, True])
+
+
+def test_uninformative_scores_put_the_temperature_at_its_bound():
+    rng = np.random.default_rng(0)
+    y = (rng.random(80) < 0.125).astype(int)
+    y[:2] = [0, 1]
+    backwards = np.where(y == 1, 0.2, 0.8)
+    for p in (rng.random(80), backwards):
+        assert calibration.at_search_bound(calibration.fit_temperature(y, p))
