@@ -38,6 +38,9 @@ def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
         for k, r in enumerate(train.train(cfg, workdir)):
             c = cfg.eval.criterion
             b = r.best[c]
+            if b["step"] is None:
+                print(f"fold {k}: no checkpoint was validated with {c} ({r.seconds:.0f} s)")
+                continue
             shown = {m: b["metrics"].get(m) for m in r.best} if b["metrics"] else None
             print(f"fold {k}: best {c} checkpoint step {b['step']} {shown} ({r.seconds:.0f} s)")
     elif mode == "evaluate":

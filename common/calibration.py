@@ -18,12 +18,15 @@ import math
 import numpy as np
 from scipy.special import expit
 
+from common.metrics import roc_auc
+
 # The fit reads probabilities within 1e-7 of 0 or 1 as that far (a float32 softmax cannot
 # resolve more near 1), so one saturated mistake does not decide the temperature.
 PROB_CLIP = 1e-7
 # Elsewhere only exact 0 and 1 are moved, to the nearest float64 inside (0, 1), so distinct
 # scores keep distinct logits (a threshold between 1e-10 and 1e-9 stays between them).
 _FINEST = (np.finfo(np.float64).smallest_subnormal, np.nextafter(1.0, 0.0))
+_SYMMETRIC = (1.0 - np.nextafter(1.0, 0.0), np.nextafter(1.0, 0.0))
 LOG_T_RANGE = (-4.0, 4.0)  # T in [e^-4, e^4]
 
 
@@ -42,10 +45,11 @@ def combine_folds(
 ) -> tuple[np.ndarray, float]:
     """(probability (N,), threshold) of an ensemble of folds, each with its calibrated
     probabilities (N,) and its own threshold: both averaged in logit space, the space the
-    thresholds were chosen in, so `probability >= threshold` holds exactly when the folds'
-    mean logit margin over their thresholds is >= 0 (one fold: unchanged)."""
-    z = np.mean([_logit(q) for q in calibrated], axis=0)
-    return expit(z), float(expit(np.mean([_logit(t) for t in thresholds])))
+    thresholds were chosen in, so `probability >= threshold` when the folds' mean logit margin
+    over their thresholds is >= 0 (one fold: unchanged). Logits are clipped symmetrically
+    (+-36.7) so that a fold saturated at 0 does not outweigh one saturated at 1."""
+    z = np.mean([_logit(q, _SYMMETRIC) for q in calibrated], axis=0)
+    return expit(z), float(expit(np.mean([_logit(t, _SYMMETRIC) for t in thresholds])))
 
 
 def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
@@ -55,10 +59,23 @@ def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
 
 
 def at_search_bound(temperature: float) -> bool:
-    """Whether a fitted T sits at an end of LOG_T_RANGE: at e^4 the validation scores carry
-    next to no information about the labels (or rank them backwards); at e^-4 they are
-    separable by a margin too wide for any finite T to matter."""
+    """Whether a fitted T sits at an end of LOG_T_RANGE (e^4: scores that rank the labels
+    backwards, or by chance slightly so; e^-4: a margin too wide for any finite T to matter)."""
     return min(abs(math.log(temperature) - b) for b in LOG_T_RANGE) < 1e-3
+
+
+def weak_validation(labels: np.ndarray, prob_pos: np.ndarray, temperature: float) -> str | None:
+    """Why the calibration fitted on these validation scores means little, or None: a ROC-AUC
+    of at most 0.6 (scores that hardly tell the classes apart; their fitted T lands anywhere
+    from a few to the e^4 bound, by chance) or a T at a search bound."""
+    auc = roc_auc(labels, prob_pos)
+    if auc <= 0.6 or at_search_bound(temperature):
+        return (
+            f"the validation scores hardly tell the classes apart (ROC-AUC {auc:.3f}, "
+            f"temperature {temperature:.3g}): the calibrated probabilities and the threshold "
+            "mean little"
+        )
+    return None
 
 
 def platt_targets(labels: np.ndarray) -> np.ndarray:

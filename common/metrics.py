@@ -89,14 +89,12 @@ def best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
     F1) on these scores or any monotone recalibration of them, so a model is not judged by
     where its scores cross 0.5."""
     labels = np.asarray(labels).astype(int)
-    if labels.sum() == 0:
+    positives, negatives = labels.sum(), len(labels) - labels.sum()
+    if positives == 0:
         return 0.0
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    s, y = np.asarray(scores, dtype=np.float64)[order], labels[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tps = np.cumsum(y)[last_of_tie]
-    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (predicted positives + positives)
-    return float(np.max(2 * tps / (last_of_tie + 1 + y.sum())))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    tp, fp = tpr * positives, fpr * negatives
+    return float(np.max(2 * tp / (tp + fp + positives)))  # 2 TP / (2 TP + FP + FN)
 
 
 def classification_metrics(

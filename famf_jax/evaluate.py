@@ -59,14 +59,9 @@ def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
         labels, calibration.apply_temperature(prob_pos, t), target
     )
     rule = "best F1" if target is None else f"sensitivity >= {target}"
-    if calibration.at_search_bound(t):
-        logging.warning(
-            "temperature %.3g is at the end of its search range: the validation scores hardly "
-            "tell the classes apart (ROC-AUC %.3f); the calibrated probabilities and the "
-            "threshold mean little",
-            t,
-            metrics_lib.roc_auc(labels, prob_pos),
-        )
+    weak = calibration.weak_validation(labels, prob_pos, t)
+    if weak:
+        logging.warning("calibration: %s", weak)
     return {"temperature": t, "threshold": threshold, "rule": rule, "valid_cases": len(labels)}
 
 

@@ -98,10 +98,38 @@ def test_folds_combine_in_logit_space():
     np.testing.assert_array_equal(p >= t, [True, False, True])
 
 
-def test_uninformative_scores_put_the_temperature_at_its_bound():
+def test_uninformative_validation_is_flagged():
+    """Backwards scores always put T at its upper bound; random ones put it anywhere, so the
+    warning also reads the validation ROC-AUC (many cases here: AUC near 0.5 for every seed)."""
     rng = np.random.default_rng(0)
     y = (rng.random(80) < 0.125).astype(int)
     y[:2] = [0, 1]
     backwards = np.where(y == 1, 0.2, 0.8)
-    for p in (rng.random(80), backwards):
-        assert calibration.at_search_bound(calibration.fit_temperature(y, p))
+    t = calibration.fit_temperature(y, backwards)
+    assert calibration.at_search_bound(t) and calibration.weak_validation(y, backwards, t)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        y = (rng.random(4000) < 0.125).astype(int)
+        p = rng.random(4000)
+        assert calibration.weak_validation(y, p, calibration.fit_temperature(y, p))
+    z = np.r_[np.linspace(-5, -2, 70), np.linspace(0.5, 3, 10)]  # a model that ranks well
+    y = np.r_[np.zeros(70), np.ones(10)]
+    p = _sigmoid(z)
+    assert calibration.weak_validation(y, p, calibration.fit_temperature(y, p)) is None
+
+
+def test_best_f1_is_the_f1_at_the_chosen_threshold():
+    """What makes f1_best_auc judge a checkpoint where evaluation will put its threshold: the
+    best F1 over raw scores equals the F1 at choose_threshold on the calibrated ones."""
+    from common import metrics
+
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        y = (rng.random(60) < 0.2).astype(int)
+        y[:2] = [0, 1]
+        p = np.round(rng.random(60) * 0.7 + 0.3 * y, 2).astype(np.float32)  # float32, ties
+        q = calibration.apply_temperature(p, calibration.fit_temperature(y, p))
+        t = calibration.choose_threshold(y, q)
+        pred = q >= t
+        f1 = 2 * np.sum(pred & (y == 1)) / (np.sum(pred) + np.sum(y))
+        assert f1 == pytest.approx(metrics.best_f1(y, p)), seed
