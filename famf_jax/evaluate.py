@@ -69,9 +69,10 @@ def calibration_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:
     return fold_dir(workdir, fold) / "calibration.json"
 
 
-def read_calibration(workdir: pathlib.Path, fold: int) -> dict | None:
-    """A fold's calibration.json (None if evaluation has not written one); a damaged file is
-    an error naming it."""
+def read_calibration(workdir: pathlib.Path, fold: int, step: int) -> dict | None:
+    """A fold's calibration.json if it was fitted for checkpoint `step` (None, with a warning,
+    if it belongs to another one: evaluate ran with another eval.checkpoint or criterion; None
+    if evaluation has not written one); a damaged file is an error naming it."""
     path = calibration_path(workdir, fold)
     if not path.exists():
         return None
@@ -84,6 +85,15 @@ def read_calibration(workdir: pathlib.Path, fold: int) -> dict | None:
         ) from None
     if not (t > 0 and math.isfinite(t) and math.isfinite(threshold)):
         raise ValueError(f"{path}: temperature {t} or threshold {threshold} is not usable")
+    if calib.get("step") != step:
+        logging.warning(
+            "fold %d's calibration was fitted for checkpoint %s, this run restores %s (run "
+            "--mode=evaluate with the same eval.checkpoint and eval.criterion)",
+            fold,
+            calib.get("step", "unknown (a calibration.json from before steps were recorded)"),
+            step,
+        )
+        return None
     return calib
 
 
@@ -392,9 +402,8 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
             f"no trained folds in {workdir} (no fold_<k>/checkpoints): train first "
             "(--mode=train) or import weights (--mode=import_torch)"
         )
-    for k in folds:
-        choose_checkpoint(cfg, workdir, k)
-    calibs = {k: read_calibration(workdir, k) for k in folds}
+    steps = {k: choose_checkpoint(cfg, workdir, k)[0] for k in folds}
+    calibs = {k: read_calibration(workdir, k, steps[k]) for k in folds}
     recs, _ = read_predict_input(cfg.predict.input)
     fused = uses_fusion(cfg)
     per_fold, calibrated, thresholds = [], [], []
@@ -405,15 +414,6 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
         )
         per_fold.append(p)
         calib = calibs[k]
-        if calib is not None and calib.get("step") != meta["step"]:
-            logging.warning(
-                "predict: fold %d's calibration was fitted for checkpoint %s, predict restores "
-                "%s (run --mode=evaluate with the same eval.checkpoint)",
-                k,
-                calib.get("step", "unknown (a calibration.json from before steps were recorded)"),
-                meta["step"],
-            )
-            calib = None
         if calib is not None:
             calibrated.append(calibration.apply_temperature(p, calib["temperature"]))
             thresholds.append(calib["threshold"])

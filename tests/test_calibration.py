@@ -133,3 +133,19 @@ def test_best_f1_is_the_f1_at_the_chosen_threshold():
         pred = q >= t
         f1 = 2 * np.sum(pred & (y == 1)) / (np.sum(pred) + np.sum(y))
         assert f1 == pytest.approx(metrics.best_f1(y, p)), seed
+
+
+def test_a_calibration_applies_only_to_its_own_checkpoint(tmp_path, caplog):
+    """evaluate with another eval.checkpoint (or criterion) then predict: the calibration
+    fitted for one checkpoint must not be read for another's probabilities."""
+    from famf_jax.evaluate import read_calibration, write_calibration
+
+    calib = {"temperature": 0.8, "threshold": 0.3, "rule": "best F1", "valid_cases": 8}
+    assert read_calibration(tmp_path, 0, 240) is None  # none written
+    (tmp_path / "fold_0").mkdir()
+    write_calibration(tmp_path, 0, {**calib, "step": 240})
+    assert read_calibration(tmp_path, 0, 240)["threshold"] == 0.3
+    assert read_calibration(tmp_path, 0, 150) is None
+    assert "fitted for checkpoint 240, this run restores 150" in caplog.text
+    write_calibration(tmp_path, 0, calib)  # written before steps were recorded
+    assert read_calibration(tmp_path, 0, 240) is None
