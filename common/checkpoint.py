@@ -145,7 +145,7 @@ class Checkpointer:
         if self.read_only:
             return
         steps = sorted(self.steps())
-        metas = self._readable_metas(steps)
+        metas = self.readable_metas(steps)
         keep = set(steps[-self.keep_latest :])
         keep |= {_best(metas, m) for m in self.best_metrics} - {None}
         for step in steps:
@@ -166,9 +166,10 @@ class Checkpointer:
         """The retained step with the highest `meta['metrics'][metric]`, the later on ties;
         steps whose meta cannot be read are skipped with a warning; None if no step has a
         number for `metric`."""
-        return _best(self._readable_metas(self.steps()), metric)
+        return _best(self.readable_metas(self.steps()), metric)
 
-    def _readable_metas(self, steps: Sequence[int]) -> dict[int, dict]:
+    def readable_metas(self, steps: Sequence[int]) -> dict[int, dict]:
+        """{step: meta} of the given steps whose meta reads (the others warned about)."""
         out = {}
         for step in steps:
             try:

@@ -467,13 +467,12 @@ def _no_criterion(cfg, ckpt, where: pathlib.Path, steps: list[int]) -> None:
     """No step has a number for `eval.criterion`: fine for imported weights (no validation
     metrics at all: the latest is used); an error for checkpoints validated without it (a
     workdir trained before the criterion existed), rather than silently the latest."""
-    have = set()
-    for s in steps:
-        try:
-            metrics = ckpt.meta(s).get("metrics") or {}
-            have |= {c for c in BEST_CRITERIA if isinstance(metrics.get(c), int | float)}
-        except Exception:  # an unreadable step is reported when it is restored
-            continue
+    have = {
+        c
+        for meta in ckpt.readable_metas(steps).values()
+        for c in BEST_CRITERIA
+        if isinstance((meta.get("metrics") or {}).get(c), int | float)
+    }
     if have:
         raise ValueError(
             f"no checkpoint in {where} has a validation {cfg.eval.criterion} (trained before "
