@@ -19,6 +19,7 @@ import numpy as np
 
 from common import optim
 from common.checkpoint import Checkpointer
+from common.once import run_once
 from dmaf_jax import dtms, losses
 from dmaf_jax.inference import SlidingWindow
 from dmaf_jax.layers import bottleneck_grid, check_crop
@@ -26,7 +27,6 @@ from dmaf_jax.modalities import SPECS, DatasetSpec
 from dmaf_jax.model import DMAFNet, build_model, init_variables
 
 SELECT_METRIC = "dice"
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # The regions whose mean Dice chooses the best checkpoint.
 SELECTION_REGIONS = {"brats2020": ("wt", "tc", "et"), "myops2020": ("lvb", "rvb", "myo")}
 
@@ -186,10 +186,7 @@ def _initial_state(cfg, tx, key: jax.Array) -> TrainState:
 def create_state(cfg, spe: int = 1) -> tuple[TrainState, Any]:
     """(initial state, optimiser), initialised in one jitted call."""
     tx = optimizer(cfg, spe)
-    key = jax.random.key(cfg.seed)
-    # Runs once: XLA's cheap pipeline compiles it in a third of the time (64 s -> 21 s, demo).
-    init = jax.jit(lambda k: _initial_state(cfg, tx, k))
-    return init.lower(key).compile(FAST_COMPILE)(key), tx
+    return run_once(lambda k: _initial_state(cfg, tx, k), jax.random.key(cfg.seed)), tx
 
 
 def state_template(cfg) -> TrainState:

@@ -244,3 +244,21 @@ def test_default_attention_is_not_near_uniform(variables):
     # measured here: default median 0.062 (8x uniform); scaled: largest row maximum 0.024
     assert float(jnp.median(rows)) > 4 * uniform
     assert float(jnp.median(scaled_rows)) < 1.5 * uniform  # the scaled form: near-uniform
+
+
+def test_create_state_is_the_eager_init_bit_for_bit(variables):
+    """experiment.create_state compiles the init as one program; every weight and statistic
+    is still the eager `model.init`'s, from the same seed, exactly. (Under XLA's default
+    settings, not the tests' reduced ones, this also decides the compiler options: its
+    faster pipeline moves uniform initialisers by an ulp there, and with them every run.)"""
+    from configs import famf as famf_config
+    from famf_jax import experiment
+
+    cfg = famf_config.get_config("smoke")
+    cfg.seed, cfg.data.image_size = 0, SIZE  # the fixture's key and size
+    state, _ = experiment.create_state(cfg, 1)
+    for name in ("params", "batch_stats"):
+        got, want = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(variables[name])
+        assert len(got) == len(want)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)), name
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, state.cam_stats, state.batch_stats)))
