@@ -107,8 +107,9 @@ class MutualAttentionRegister(nn.Module):
         half = (s // 4) // 2
         if warm:
             for i in range(b):
-                x1, y1 = bmode_centre(c1[i].detach().numpy().astype(np.float64))
-                x2, y2 = swe_centre(c2[i].detach().numpy().astype(np.float64))
+                # float32, as the original hands its CAM tensors to numpy and scipy
+                x1, y1 = bmode_centre(c1[i].detach().numpy())
+                x2, y2 = swe_centre(c2[i].detach().numpy())
                 idx1[i] = torch.tensor([x1, y1], dtype=torch.float32)
                 idx2[i] = torch.tensor([x2, y2], dtype=torch.float32)
                 mask1[

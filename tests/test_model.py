@@ -173,8 +173,8 @@ def test_maf_fuses_the_right_regions_by_hand(images, faithful, rng):
     v = maf.init(jax.random.key(0), *args)
     out = maf.apply(v, *args)
 
-    up_b = np.asarray(raa.upsample_cam(cam_b, size))[0].astype(np.float64)
-    up_s = np.asarray(raa.upsample_cam(cam_s, size))[0].astype(np.float64)
+    up_b = np.asarray(raa.upsample_cam(cam_b, size, faithful))[0]
+    up_s = np.asarray(raa.upsample_cam(cam_s, size, faithful))[0]
     if faithful:
         c_b = bmode_centre(up_b)
     else:

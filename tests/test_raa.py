@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
+from conftest import REPO
 from famf_jax import raa
 from parity.raa_reference import bmode_centre as reference_bmode_centre
 from parity.raa_reference import swe_centre as reference_swe_centre
@@ -39,16 +40,43 @@ def test_bmode_centre_matches_scipy(rng, kind, faithful):
     else:
         rule = lambda g: g < 0.2 * g.max()
     got = np.asarray(jax.jit(jax.vmap(lambda c: raa.bmode_centre(c, faithful)))(cams))
-    cams64 = cams.astype(np.float64)
-    want = np.array([reference_bmode_centre(c, rule) for c in cams64])
+    # float32 maps, as the original hands its torch CAMs to numpy
+    want = np.array([reference_bmode_centre(c, rule) for c in cams])
     np.testing.assert_array_equal(got, want)
+
+
+def test_faithful_gradient_magnitude_is_numpys_bit_for_bit(rng):
+    """np.hypot(np.gradient(f, axis=0), np.gradient(f, axis=1)) of a float32 map, exactly:
+    the original thresholds it at 0.2, and jnp.hypot rounds a third of the values the other
+    way (checked below, so the comparison can fail)."""
+    cams = np.asarray(raa.upsample_cam(jnp.asarray(rng.random((6, 8, 8)), jnp.float32), 32))
+    want = np.stack([np.hypot(np.gradient(c, axis=0), np.gradient(c, axis=1)) for c in cams])
+    assert want.dtype == np.float32
+    magnitude = jax.jit(jax.vmap(raa.gradient_magnitude, in_axes=(0, None)), static_argnums=1)
+    np.testing.assert_array_equal(np.asarray(magnitude(cams, True)), want)
+    assert (np.asarray(magnitude(cams, False)) != want).mean() > 0.05
+
+
+def test_faithful_upsampling_is_pytorchs_bit_for_bit():
+    """PyTorch's CPU F.interpolate(bilinear, align_corners=False) by 4, recorded with torch
+    (parity/record_bilinear.py): outputs of side 16 and 64 (its vectorised kernel) and 68 and
+    128 (its generic one, the original's 32 -> 128), every pixel equal. jax.image.resize,
+    the corrected mode's, differs by an ulp at many pixels of each (the test can fail)."""
+    from parity.record_bilinear import inputs
+
+    recorded = np.load(REPO / "tests/data/torch_bilinear_x4.npz")
+    for h, x in inputs().items():
+        want = recorded[f"out{h}"]
+        up = jax.jit(raa.upsample_cam, static_argnums=(1, 2))
+        np.testing.assert_array_equal(np.asarray(up(x, 4 * h, True)), want, err_msg=f"side {h}")
+        assert (np.asarray(up(x, 4 * h, False)) != want).mean() > 0.05, h
 
 
 def test_bmode_centre_local_component_and_fallback():
     f = np.zeros((16, 16), np.float32)
     f[3:6, 9:13] = 1.0  # plateau: low-gradient component inside, steep border
     got = raa.bmode_centre(jnp.asarray(f), faithful=False)
-    want = reference_bmode_centre(f.astype(np.float64), lambda g: g < 0.2 * g.max())
+    want = reference_bmode_centre(f, lambda g: g < 0.2 * g.max())
     np.testing.assert_array_equal(np.asarray(got), want)
     # A single spike: its own pixel is not low-gradient for the absolute threshold -> argmax.
     g = np.zeros((16, 16), np.float32)
@@ -66,7 +94,7 @@ def test_all_zero_cam_b20():
 def test_swe_centre_matches_scipy(rng):
     cams = np.concatenate([blob_cams(rng, 8, 32), rng.random((8, 32, 32)).astype(np.float32)])
     got = np.asarray(jax.vmap(raa.swe_centre)(jnp.asarray(cams)))
-    want = np.array([reference_swe_centre(c.astype(np.float64)) for c in cams])
+    want = np.array([reference_swe_centre(c) for c in cams])  # float64 sums, as scipy's
     np.testing.assert_array_equal(got, want)
 
 
