@@ -379,6 +379,9 @@ STATE_FIELDS = (
     "rdo.buffer_size",
     "faithful",
 )
+# Config fields that decide what network a checkpoint is: evaluating it under other values
+# would run other region rules, CAMs or attention (and fit the operating point to them).
+NETWORK_FIELDS = ("model.modalities", "model.fusion", "model.scaled_attention", "faithful")
 
 
 def _saved_value(saved: dict, name: str):
@@ -468,7 +471,7 @@ def choose_checkpoint(cfg, workdir: pathlib.Path, fold: int, n_folds: int | None
             ckpt.close()
         step = steps[-1] if step is None else step
     meta = _meta(workdir, fold, step)
-    diff = _differences(cfg, meta.get("config") or {}, ("model.modalities",))
+    diff = _differences(cfg, meta.get("config") or {}, NETWORK_FIELDS)
     if diff:
         raise ValueError(
             f"checkpoint {where / str(step)} was made with {', '.join(diff)}: set the same"

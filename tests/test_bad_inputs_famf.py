@@ -294,6 +294,14 @@ def evaluate_other_model(data, tmp):
     return Case(args, w, ("checkpoints/0", "model.modalities='both'", "'bmode'"))
 
 
+def evaluate_other_network(data, tmp):
+    # Same parameters, other region rules and attention: not silently another network.
+    w = _fake_trained(tmp / "w")
+    args = ["--mode=evaluate", "--config.faithful=True", "--config.model.scaled_attention=True"]
+    culprits = ("checkpoints/0", "model.scaled_attention=False (the config has True)")
+    return Case(args, w, (*culprits, "faithful=False (the config has True)"))
+
+
 def evaluate_damaged_checkpoint(data, tmp):
     w = _fake_trained(tmp / "w")
     (w / "fold_0" / "checkpoints" / "0" / "meta" / "metadata").write_text("{garbage")
@@ -412,6 +420,7 @@ IN_PROCESS = _named(
     evaluate_no_workdir,
     evaluate_unknown_step,
     evaluate_other_model,
+    evaluate_other_network,
     evaluate_criterion_not_recorded,
     evaluate_damaged_checkpoint,
     predict_no_input,
