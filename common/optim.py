@@ -1,5 +1,6 @@
-"""Optimiser pieces that follow PyTorch's numbers: AMSGrad as `torch.optim.Adam(W)` computes it
-and the per-epoch poly learning rate of the PASSION/mmFormer code bases.
+"""Optimiser pieces that follow PyTorch's numbers: AMSGrad as `torch.optim.Adam(W)` computes it,
+AdamW with PyTorch's per-parameter step counts, the per-epoch poly learning rate of the
+PASSION/mmFormer code bases, and `hold` for parameters a step does not use.
 
 `optax.amsgrad` keeps the running maximum of the *bias-corrected* second moment; PyTorch keeps
 the maximum of the *raw* moment and bias-corrects afterwards. With large early gradients the
@@ -59,17 +60,66 @@ def scale_by_pytorch_amsgrad(
         nu = jax.tree.map(lambda g, v: b2 * v + (1.0 - b2) * g * g, updates, state.nu)
         nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
         count = optax.safe_increment(state.count)
-        bc1 = _one_minus_pow(b1, count)
-        bc2_sqrt = jnp.sqrt(_one_minus_pow(b2, count))
-
-        def direction(m, vmax):
-            denom = jnp.sqrt(vmax) / bc2_sqrt.astype(m.dtype) + eps
-            return ((m / bc1.astype(m.dtype)) / denom).astype(m.dtype)
-
-        new_updates = jax.tree.map(direction, mu, nu_max)
+        new_updates = jax.tree.map(lambda m, v: _direction(m, v, count, b1, b2, eps), mu, nu_max)
         return new_updates, ScaleByPytorchAmsgradState(count, mu, nu, nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _direction(m: jax.Array, v: jax.Array, t: jax.Array, b1: float, b2: float, eps: float):
+    """PyTorch's Adam step direction at step t (from 1): (m / (1 - b1^t)) /
+    (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+    denom = jnp.sqrt(v) / jnp.sqrt(_one_minus_pow(b2, t)).astype(m.dtype) + eps
+    return ((m / _one_minus_pow(b1, t).astype(m.dtype)) / denom).astype(m.dtype)
+
+
+class ScaleByPytorchAdamState(NamedTuple):
+    count: optax.Updates  # per parameter, () int32: the steps it took (PyTorch's state["step"])
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_pytorch_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """PyTorch's Adam direction (without learning rate or weight decay), with a step count per
+    parameter as PyTorch keeps it: a parameter that `hold` keeps out of some steps (PyTorch
+    skips one whose `.grad` is None) starts its bias corrections at its own first step.
+    optax.scale_by_adam shares one count, so a parameter first updated at step 1000 would get
+    1000's corrections on fresh moments (MAF after the warm-up: 1.4x a fresh Adam's move)."""
+    b1, b2, eps = float(b1), float(b2), float(eps)
+
+    def init_fn(params):
+        count = jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params)
+        zeros = lambda: optax.tree.zeros_like(params)
+        return ScaleByPytorchAdamState(count, zeros(), zeros())
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda g, m: b1 * m + (1.0 - b1) * g, updates, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * v + (1.0 - b2) * g * g, updates, state.nu)
+        count = jax.tree.map(optax.safe_increment, state.count)
+        direction = lambda m, v, t: _direction(m, v, t, b1, b2, eps)  # noqa: E731
+        return jax.tree.map(direction, mu, nu, count), ScaleByPytorchAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def pytorch_adamw(
+    learning_rate: float | optax.Schedule,
+    weight_decay: float = 1e-2,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """`torch.optim.AdamW`: Adam with per-parameter step counts, then decoupled weight decay
+    `-lr * wd * p` (PyTorch's `param.mul_(1 - lr * wd)` before the step), then -lr. The
+    learning-rate schedule counts the optimiser's steps (one count for all parameters)."""
+    return optax.chain(
+        scale_by_pytorch_adam(b1, b2, eps),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 def pytorch_adamw_amsgrad(
@@ -153,7 +203,8 @@ def hold(new: T, old: T, held: Any) -> T:
     PyTorch's optimisers skip a parameter whose `.grad` is None (not in this step's graph): no
     weight decay, no momentum update. Under jit such a parameter gets a zero gradient instead,
     which coupled L2 and momentum would still move; applied to (params, opt_state) after the
-    update, this holds them. Step counts are shared and keep counting."""
+    update, this holds them, and the per-parameter step counts of `pytorch_adamw` with them;
+    shared counts (a learning-rate schedule's, as PyTorch's scheduler) keep counting."""
     struct = jax.tree.structure(held)
 
     def shaped(x) -> bool:

@@ -47,7 +47,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     t.epochs = 5000
     t.batch_size = 4  # the original's DQN state (B + 2 = 6) fits batch 4 (B5)
     t.warmup_epochs = 50  # MAF switches on at this epoch
-    t.optimizer = "sgd"  # sgd (coupled L2, as the original) | adamw
+    t.optimizer = "sgd"  # sgd (coupled L2, as the original) | adamw (PyTorch's AdamW)
     t.learning_rate = 5e-4
     t.momentum = 0.9
     t.weight_decay = 0.05  # sgd: coupled L2 on every parameter (B19); adamw: decoupled

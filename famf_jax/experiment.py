@@ -24,7 +24,7 @@ import optax
 from absl import logging
 
 from common import metrics as metrics_lib
-from common import parallel
+from common import optim, parallel
 from common.checkpoint import Checkpointer
 from common.loader import iterate
 from common.logging import progress
@@ -193,7 +193,7 @@ def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
             optax.add_decayed_weights(t.weight_decay), optax.sgd(schedule, momentum=t.momentum)
         )
     elif t.optimizer == "adamw":
-        base = optax.adamw(schedule, weight_decay=t.weight_decay)
+        base = optim.pytorch_adamw(schedule, weight_decay=t.weight_decay)  # counts: see hold
     else:
         raise ValueError(f"train.optimizer must be sgd or adamw, not {t.optimizer!r}")
     if not cfg.rdo.enabled:

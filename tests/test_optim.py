@@ -21,6 +21,7 @@ from common.optim import (
     hold,
     poly_lr,
     poly_schedule,
+    pytorch_adamw,
     pytorch_adamw_amsgrad,
     scale_by_pytorch_amsgrad,
 )
@@ -388,3 +389,55 @@ def test_hold_keeps_marked_leaves_in_every_parameter_shaped_subtree():
     trace = find_state(o, optax.TraceState).trace
     np.testing.assert_array_equal(trace["b"]["c"], 0.0)  # momentum not started
     np.testing.assert_allclose(trace["a"], 1.5)
+
+
+def _normal_like(rng, tree):
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), tree)
+
+
+def _adamw_run(tx, params, grads, held_steps: int = 0):
+    """Parameters after each step; `b` held (not in the step's graph) for `held_steps`."""
+    state, out = tx.init(params), []
+    for t, g in enumerate(grads):
+        updates, new_state = tx.update(g, state, params)
+        new = optax.apply_updates(params, updates)
+        if t < held_steps:
+            new, new_state = hold((new, new_state), (params, state), {"a": False, "b": True})
+        params, state = new, new_state
+        out.append(params)
+    return out
+
+
+def test_pytorch_adamw_is_optax_adamw_when_every_parameter_steps():
+    rng = np.random.default_rng(0)
+    params = _normal_like(rng, {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))})
+    grads = [_normal_like(rng, params) for _ in range(6)]
+    ours = _adamw_run(pytorch_adamw(1e-2, 0.05), params, grads)[-1]
+    theirs = _adamw_run(optax.adamw(1e-2, weight_decay=0.05), params, grads)[-1]
+    # Same formula; optax forms 1 - 0.999^t from float32 powers (1.3e-5 relative off, see
+    # _one_minus_pow), so the moves agree to ~1e-5 of their size, not to float32 rounding.
+    for name in params:
+        move, gap = ours[name] - params[name], ours[name] - theirs[name]
+        assert np.abs(gap).max() <= 1e-4 * np.abs(move).max(), name
+
+
+def test_pytorch_adamw_counts_steps_per_parameter():
+    """A parameter held for the first k steps (PyTorch: `.grad` None, AdamW skips it) moves
+    from step k on exactly as a fresh AdamW started at step k on the same gradients: its bias
+    corrections count its own steps. optax.adamw's shared count does not (1e-2 relative)."""
+    rng = np.random.default_rng(1)
+    params = _normal_like(rng, {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))})
+    grads = [_normal_like(rng, params) for _ in range(9)]
+    k = 5
+
+    def b_moves(tx, held_steps):
+        run = _adamw_run(tx, params, grads, held_steps)
+        return np.stack([np.asarray(p["b"]) for p in run])
+
+    fresh = _adamw_run(pytorch_adamw(1e-2, 0.05), params, grads[k:])
+    fresh_b = np.stack([np.asarray(p["b"]) for p in fresh])
+    held = b_moves(pytorch_adamw(1e-2, 0.05), k)
+    np.testing.assert_array_equal(held[:k], np.broadcast_to(params["b"], held[:k].shape))
+    np.testing.assert_allclose(held[k:], fresh_b, rtol=1e-6, atol=1e-7)
+    shared = b_moves(optax.adamw(1e-2, weight_decay=0.05), k)
+    assert np.abs((shared[k:] - held[k:]) / (held[k:] - np.asarray(params["b"]))).max() > 1e-2
