@@ -46,8 +46,11 @@ def combine_folds(
     """(probability (N,), threshold) of an ensemble of folds, each with its calibrated
     probabilities (N,) and its own threshold: both averaged in logit space, the space the
     thresholds were chosen in, so `probability >= threshold` when the folds' mean logit margin
-    over their thresholds is >= 0 (one fold: unchanged). Logits are clipped symmetrically
-    (+-36.7) so that a fold saturated at 0 does not outweigh one saturated at 1."""
+    over their thresholds is >= 0. Over several folds logits are clipped symmetrically
+    (+-36.7) so that a fold saturated at 0 does not outweigh one saturated at 1; one fold is
+    returned as it is (its decisions exactly evaluate's, also below 1e-16)."""
+    if len(calibrated) == 1:
+        return np.asarray(calibrated[0], np.float64), float(thresholds[0])
     z = np.mean([_logit(q, _SYMMETRIC) for q in calibrated], axis=0)
     return expit(z), float(expit(np.mean([_logit(t, _SYMMETRIC) for t in thresholds])))
 

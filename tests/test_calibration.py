@@ -89,6 +89,10 @@ def test_folds_combine_in_logit_space():
     p, t = calibration.combine_folds([q1], [0.4])
     np.testing.assert_allclose(p, q1, rtol=1e-12)  # one fold: unchanged
     assert t == pytest.approx(0.4, rel=1e-12)
+    # one fold, scores saturated far below 1e-16: the same decisions as evaluate's q >= t
+    tiny = np.array([1e-20, 1e-30])
+    p, t = calibration.combine_folds([tiny], [1e-18])
+    np.testing.assert_array_equal(p >= t, tiny >= 1e-18)
     p, t = calibration.combine_folds([q1, q2], [0.5, 0.01])
     logit = lambda x: np.log(x / (1 - x))  # noqa: E731
     np.testing.assert_allclose(logit(p), (logit(q1) + logit(q2)) / 2, rtol=1e-12)
