@@ -402,13 +402,13 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
             f"no trained folds in {workdir} (no fold_<k>/checkpoints): train first "
             "(--mode=train) or import weights (--mode=import_torch)"
         )
-    steps = {k: choose_checkpoint(cfg, workdir, k)[0] for k in folds}
-    calibs = {k: read_calibration(workdir, k, steps[k]) for k in folds}
+    chosen = {k: choose_checkpoint(cfg, workdir, k) for k in folds}
+    calibs = {k: read_calibration(workdir, k, chosen[k][0]) for k in folds}
     recs, _ = read_predict_input(cfg.predict.input)
     fused = uses_fusion(cfg)
     per_fold, calibrated, thresholds = [], [], []
     for k in folds:
-        variables, meta = restore_for_eval(cfg, workdir, k)
+        variables, meta = restore_for_eval(cfg, workdir, k, chosen[k])
         p = predict_records(
             cfg, variables, recs, warm=fused and meta.get("warm", True), desc=f"predict fold {k}"
         )

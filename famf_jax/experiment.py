@@ -513,9 +513,11 @@ def _checkpoint_config(cfg, saved: dict):
     return c
 
 
-def restore_for_eval(cfg, workdir: pathlib.Path, fold: int):
-    """(variables, meta) of the requested checkpoint of a fold (eval.checkpoint or the best)."""
-    step, meta = choose_checkpoint(cfg, workdir, fold)
+def restore_for_eval(cfg, workdir: pathlib.Path, fold: int, chosen: tuple | None = None):
+    """(variables, meta) of the requested checkpoint of a fold (eval.checkpoint or the best);
+    `chosen`: the (step, meta) choose_checkpoint already gave, so that a best checkpoint saved
+    meanwhile by a training next to it does not replace the one the caller read about."""
+    step, meta = chosen if chosen is not None else choose_checkpoint(cfg, workdir, fold)
     template = state_template(_checkpoint_config(cfg, meta.get("config") or {}))
     ckpt = checkpointer(workdir, fold, read_only=True)
     try:

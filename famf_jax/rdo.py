@@ -4,7 +4,8 @@ Shape of one training step (everything inside the jitted step):
 
 1. `state_vector(probs, labels)`: the batch's P(malignant) (stop_gradient) and class counts, B + 2.
 2. `select(rdo_state, s, active)`: greedy/exploratory actions for the alpha and gamma heads,
-   clamped, and the new (alpha0, gamma) when `active` (epoch > warm-up, B15). The step's loss
+   clamped, and the new (alpha0, gamma) when `active` (epoch >= warm-up; faithful: epoch >
+   warm-up, B15). The step's loss
    already uses them, as in the original.
 3. The loss, its gradients, and the optimiser. `transform(cfg)` is the stateful optax
    `GradientTransformationExtraArgs` holding the agent; its `update` receives the step's

@@ -3,11 +3,14 @@
 Per step: CAM pass (warm off), closed-form CAMs, main pass (warm on after the warm-up), the
 RDO agent's action from the step's own probabilities, the focal loss with the resulting alpha and
 gamma, and the optimiser step (RDO is part of the optimiser chain, see rdo.py). Deviations
-from the original unless `faithful`: batch statistics are written by the main pass only (B11);
-the alpha/gamma updates start at the warm-up epoch (B15; faithful: one epoch later). In both
-modes: the look-ahead batch is replaced by a one-step-late transition (B9, B10: the next state
-is the next step's own batch), and MAF's parameters do not move before the warm-up ends (the
-original's SGD skips parameters without a gradient).
+from the original unless `faithful`: the CAM pass and the main pass keep their own running
+batch statistics (B11, `cam_stats` and `batch_stats`: after the warm-up they normalise
+different inputs); the alpha/gamma updates start at the warm-up epoch (B15; faithful: one epoch
+later). In both modes: the look-ahead batch is replaced by a one-step-late transition (B9, B10:
+the next state is the next step's own batch), MAF's parameters do not move before the warm-up
+ends (the original's SGD skips parameters without a gradient), and validation follows
+`train.eval_every` counted from the first epoch: after epochs 2, 4, ... (the original's
+`epoch % 2 == 0` validates after 1, 3, ...: the same number, one epoch later).
 
 This file holds the step, its flags per step and the train metrics; the loop (resume, logging,
 validation cadence, best checkpoints) is `common.training.train_loop`, and the state, data and
