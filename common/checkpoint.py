@@ -205,6 +205,20 @@ class Checkpointer:
             ) from e
         return out["state"], dict(out["meta"])
 
+    def restore_as_saved(self, step: int) -> tuple[dict, dict]:
+        """(state, meta) of `step` without a template: the state as it was saved (nested dicts
+        and lists), its arrays replicated over this run's devices. For readers that need only
+        part of it (evaluation: the network, not an optimiser state whose layout may differ)."""
+        from common import parallel
+
+        replicated = parallel.Sharding(parallel.mesh()).replicated
+        items = {
+            "state": ocp.args.StandardRestore(fallback_sharding=replicated),
+            "meta": ocp.args.JsonRestore(),
+        }
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], dict(out["meta"])
+
     def _readable_without_data(self, step: int, state_template: Any) -> bool:
         try:
             self.restore(step, state_template)
@@ -228,10 +242,14 @@ class Checkpointer:
                 try:
                     state, meta = self.restore(step, state_template, data_iterator=data_iterator)
                     return step, state, meta
-                except Exception:
+                except Exception as err:
                     why = self._damage(step)
                     if why is None:
-                        raise
+                        raise ValueError(
+                            f"checkpoint {self._path(step)} is complete but does not fit this "
+                            f"run's state ({_reason(err)}): it was written with another "
+                            "configuration or version of the code; use a new --workdir"
+                        ) from err
             if position is not None:  # a failed restore may have moved it
                 data_iterator.set_state(position)
             logging.warning(

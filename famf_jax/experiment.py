@@ -18,7 +18,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -497,40 +496,38 @@ def _no_criterion(cfg, ckpt, where: pathlib.Path, steps: list[int]) -> None:
         )
 
 
-def _checkpoint_config(cfg, saved: dict):
-    """The config the checkpoint's TrainState was made with (its own train, rdo and faithful
-    values over `cfg`), so a checkpoint restores whatever training settings evaluation uses."""
-    c = ml_collections.ConfigDict(cfg.to_dict())
-    for section in ("train", "rdo"):
-        for key, value in (saved.get(section) or {}).items():
-            if key in c[section] and value is not None:
-                try:
-                    c[section][key] = value
-                except TypeError:  # a field whose type changed since: the config's value
-                    pass
-    if isinstance(saved.get("faithful"), bool):
-        c.faithful = saved["faithful"]
-    return c
-
-
 def restore_for_eval(cfg, workdir: pathlib.Path, fold: int, chosen: tuple | None = None):
     """(variables, meta) of the requested checkpoint of a fold (eval.checkpoint or the best);
     `chosen`: the (step, meta) choose_checkpoint already gave, so that a best checkpoint saved
-    meanwhile by a training next to it does not replace the one the caller read about."""
+    meanwhile by a training next to it does not replace the one the caller read about.
+
+    Only the network is read back, so evaluation does not depend on how the optimiser's state
+    was laid out when the checkpoint was written (train.optimizer=adamw changed its layout)."""
     step, meta = chosen if chosen is not None else choose_checkpoint(cfg, workdir, fold)
-    template = state_template(_checkpoint_config(cfg, meta.get("config") or {}))
+    where = fold_dir(workdir, fold) / "checkpoints" / str(step)
     ckpt = checkpointer(workdir, fold, read_only=True)
     try:
-        state, meta = ckpt.restore(step, template)
+        saved, meta = ckpt.restore_as_saved(step)
     except Exception as e:
-        where = fold_dir(workdir, fold) / "checkpoints" / str(step)
         first = (str(e).splitlines() or [""])[0][:200]
         raise ValueError(
             f"checkpoint {where} cannot be restored ({type(e).__name__}: {first})"
         ) from e
     finally:
         ckpt.close()
-    return state.variables, meta
+    template = state_template(cfg).variables
+    variables = {name: saved.get(name) for name in template}
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    try:
+        same = shapes(variables) == shapes(template)
+    except (TypeError, ValueError, AttributeError):  # missing collections, other structures
+        same = False
+    if not same:
+        raise ValueError(
+            f"checkpoint {where} does not hold the network this config builds (its parameters "
+            "or statistics differ in names or shapes)"
+        )
+    return variables, meta
 
 
 # ---------------------------------------------------------------------------------- prediction

@@ -228,7 +228,7 @@ def test_a_complete_checkpoint_that_does_not_fit_the_template_raises(tmp_path):
     ckpt = Checkpointer(tmp_path, keep_latest=3)
     save_steps(ckpt, [1, 2])
     wrong = {**template(), "extra": np.zeros(1, np.float32)}
-    with pytest.raises(ValueError, match="tree structures do not match"):
+    with pytest.raises(ValueError, match="does not fit this run's state.*tree structures do not"):
         ckpt.restore_latest(wrong)
     assert ckpt.steps() == [1, 2]  # nothing set aside: not damage
     assert sorted(os.listdir(tmp_path)) == ["1", "2"]
@@ -341,3 +341,44 @@ def test_read_only_never_deletes(tmp_path):
 def test_keep_latest_below_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="keep_latest"):
         Checkpointer(tmp_path, keep_latest=0)
+
+
+def test_restore_as_saved_needs_no_template(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, state_at(3), {"step": 3})
+    state, meta = Checkpointer(tmp_path, read_only=True).restore_as_saved(3)
+    assert meta == {"step": 3}
+    np.testing.assert_array_equal(state["w"], state_at(3)["w"])
+    np.testing.assert_array_equal(state["opt"]["mu"], state_at(3)["opt"]["mu"])
+
+
+def test_famf_evaluation_reads_the_network_whatever_the_optimiser_layout(tmp_path):
+    """An evaluation restores parameters and statistics only: a checkpoint whose optimiser
+    state has another layout (optax.adamw's, before per-parameter step counts) still
+    evaluates, and one holding another network is named, not mis-read."""
+    import jax
+
+    from configs import famf as famf_config
+    from famf_jax import experiment
+
+    cfg = famf_config.get_config("smoke")
+    rng = np.random.default_rng(0)
+    network = jax.tree.map(
+        lambda x: rng.normal(size=x.shape).astype(x.dtype),
+        experiment.state_template(cfg).variables,
+    )
+    state = {**network, "step": np.int32(5), "opt_state": [{"count": np.int32(5)}]}
+    ckpt = experiment.checkpointer(tmp_path, 0)
+    ckpt.save(5, state, {"config": cfg.to_dict(), "step": 5, "epoch": 1, "warm": True})
+    ckpt.close()
+    variables, meta = experiment.restore_for_eval(cfg, tmp_path, 0)
+    assert meta["step"] == 5
+    jax.tree.map(np.testing.assert_array_equal, variables, network)
+
+    del state["params"]["fire2_1"]
+    ckpt = experiment.checkpointer(tmp_path, 0)
+    ckpt.save(6, state, {"config": cfg.to_dict(), "step": 6, "epoch": 2, "warm": True})
+    ckpt.close()
+    cfg.eval.checkpoint = 6
+    with pytest.raises(ValueError, match="does not hold the network this config builds"):
+        experiment.restore_for_eval(cfg, tmp_path, 0)
