@@ -45,12 +45,24 @@ def _source_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-    """float32 a * b + c rounded once, as the FMA instructions PyTorch's kernels compile to
-    (the float64 product of two float32 values is exact; the sum is exact unless the terms
-    are over 2^23 apart, where rounding twice can differ only on an exact tie)."""
+    """float32 a * b + c rounded once, as the FMA instructions PyTorch's kernels compile to.
+
+    In float64: the product of two float32 values is exact; the sum is rounded to odd (an
+    inexact sum moved to its neighbour with an odd last bit, towards the exact value, by
+    TwoSum's error term), and a float64 rounded to odd rounds to float32 as the exact value
+    would (53 >= 24 + 2 bits); subnormal inputs (below 1.2e-38) are flushed to zero by
+    XLA's CPU, which PyTorch keeps. The float32 result passes an optimisation barrier so that
+    XLA cannot fold the conversions of a chain of these into one (GPU's excess precision)."""
     with jax.enable_x64(True):
         f64 = jnp.float64
-        return (a.astype(f64) * b.astype(f64) + c.astype(f64)).astype(jnp.float32)
+        p, c = a.astype(f64) * b.astype(f64), c.astype(f64)
+        s = p + c
+        t = s - p
+        err = (p - (s - t)) + (c - t)
+        even = (jax.lax.bitcast_convert_type(s, jnp.int64) & 1) == 0
+        towards = jnp.where(err > 0, jnp.inf, -jnp.inf)
+        s = jnp.where((err != 0) & even, jnp.nextafter(s, towards), s)
+        return jax.lax.optimization_barrier(s.astype(jnp.float32))
 
 
 def _torch_bilinear(cam: jax.Array, size: int) -> jax.Array:
@@ -64,6 +76,8 @@ def _torch_bilinear(cam: jax.Array, size: int) -> jax.Array:
     fma(first, w0, second * w1). jax.image.resize differs from both by an ulp at about a
     third of the pixels, enough to move a near-tied SWE window or a B-mode gradient at 0.2."""
     h = cam.shape[-1]
+    if cam.shape[-2] != h or size % h:
+        raise ValueError(f"faithful upsampling takes square maps by an integer factor: {h}")
     r0, r1, l1 = _source_weights(h, size)
     l0 = np.float32(1) - l1
     x = cam.astype(jnp.float32)
