@@ -6,7 +6,8 @@ PASSION/mmFormer code bases, and `hold` for parameters a step does not use.
 the maximum of the *raw* moment and bias-corrects afterwards. With large early gradients the
 first form holds a large denominator for the whole run (DMAF-Net spec section 10 item 8), so
 this module implements PyTorch's. `scale_by_pytorch_amsgrad` followed by
-`optax.add_decayed_weights(wd)` and a scale by `-lr` is `torch.optim.AdamW(amsgrad=True)`.
+`optax.add_decayed_weights(wd)` and a scale by `-lr` is `torch.optim.AdamW(amsgrad=True)`
+(`pytorch_adamw(..., amsgrad=True)`).
 """
 
 from __future__ import annotations
@@ -111,34 +112,19 @@ def pytorch_adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    *,
+    amsgrad: bool = False,
 ) -> optax.GradientTransformation:
-    """`torch.optim.AdamW`: Adam with per-parameter step counts, then decoupled weight decay
-    `-lr * wd * p` (PyTorch's `param.mul_(1 - lr * wd)` before the step), then -lr. The
-    learning-rate schedule counts the optimiser's steps (one count for all parameters)."""
+    """`torch.optim.AdamW(amsgrad=...)`: Adam with per-parameter step counts (AMSGrad: one
+    count for all, as DMAF-Net steps every parameter), then decoupled weight decay
+    `-lr * wd * p` (PyTorch's `param.mul_(1 - lr * wd)` before the step, not divided by the
+    Adam denominator), then -lr. The learning-rate schedule counts the optimiser's steps (one
+    count for all parameters)."""
+    direction = scale_by_pytorch_amsgrad if amsgrad else scale_by_pytorch_adam
     return optax.chain(
-        scale_by_pytorch_adam(b1, b2, eps),
+        direction(b1, b2, eps),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
-    )
-
-
-def pytorch_adamw_amsgrad(
-    learning_rate: float | optax.Schedule,
-    weight_decay: float = 1e-4,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-) -> optax.GradientTransformation:
-    """`torch.optim.AdamW(amsgrad=True)`: PyTorch AMSGrad, decoupled weight decay, -lr.
-
-    Decay is `-lr * wd * p` on the parameters before the step, as PyTorch's
-    `param.mul_(1 - lr * wd)`; it is not divided by the AMSGrad denominator.
-    """
-    lr = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
-    return optax.chain(
-        scale_by_pytorch_amsgrad(b1, b2, eps),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_schedule(lambda count: -lr(count)),
     )
 
 

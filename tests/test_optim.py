@@ -22,7 +22,6 @@ from common.optim import (
     poly_lr,
     poly_schedule,
     pytorch_adamw,
-    pytorch_adamw_amsgrad,
     scale_by_pytorch_amsgrad,
 )
 
@@ -314,13 +313,13 @@ def _max_rel_err(ours: list[dict], ref: list[dict]) -> float:
 
 
 def test_matches_torch_adamw_amsgrad_constant_lr():
-    assert _max_rel_err(_run(pytorch_adamw_amsgrad(LR, WD)), TORCH_DELTAS_CONSTANT) < 3e-6
+    assert _max_rel_err(_run(pytorch_adamw(LR, WD, amsgrad=True)), TORCH_DELTAS_CONSTANT) < 3e-6
 
 
 def test_matches_torch_with_poly_schedule_straddling_epochs():
     # B = 2, N_train = 5, 4 epochs: the torch loop set lr = poly(floor(t * 2 / 5)) per step.
     sched = poly_schedule(LR, 4, epoch_of_step(2, 5))
-    assert _max_rel_err(_run(pytorch_adamw_amsgrad(sched, WD)), TORCH_DELTAS_POLY) < 3e-6
+    assert _max_rel_err(_run(pytorch_adamw(sched, WD, amsgrad=True)), TORCH_DELTAS_POLY) < 3e-6
 
 
 def test_optax_amsgrad_differs_from_torch():
