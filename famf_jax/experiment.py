@@ -470,7 +470,11 @@ def choose_checkpoint(cfg, workdir: pathlib.Path, fold: int, n_folds: int | None
             ckpt.close()
         step = steps[-1] if step is None else step
     meta = _meta(workdir, fold, step)
-    diff = _differences(cfg, meta.get("config") or {}, NETWORK_FIELDS)
+    saved = meta.get("config") or {}
+    fields = NETWORK_FIELDS
+    if cfg.faithful and saved.get("faithful") is True:  # faithful MAF never scales (maf.py)
+        fields = tuple(f for f in fields if f != "model.scaled_attention")
+    diff = _differences(cfg, saved, fields)
     if diff:
         raise ValueError(
             f"checkpoint {where / str(step)} was made with {', '.join(diff)}: set the same"

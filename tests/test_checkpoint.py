@@ -382,3 +382,22 @@ def test_famf_evaluation_reads_the_network_whatever_the_optimiser_layout(tmp_pat
     cfg.eval.checkpoint = 6
     with pytest.raises(ValueError, match="does not hold the network this config builds"):
         experiment.restore_for_eval(cfg, tmp_path, 0)
+
+
+def test_famf_checkpoint_choice_compares_only_what_changes_the_network(tmp_path):
+    """A checkpoint made with other network settings is refused by name; a setting the
+    network ignores (scaled attention under faithful, whose MAF never scales) is not."""
+    from configs import famf as famf_config
+    from famf_jax import experiment
+
+    made = famf_config.get_config("smoke")
+    made.faithful = True
+    ckpt = experiment.checkpointer(tmp_path, 0)
+    ckpt.save(0, {"w": np.zeros(2, np.float32)}, {"config": made.to_dict(), "step": 0})
+    ckpt.close()
+    cfg = famf_config.get_config("smoke")
+    cfg.faithful, cfg.model.scaled_attention = True, True
+    assert experiment.choose_checkpoint(cfg, tmp_path, 0)[0] == 0
+    cfg.faithful = False
+    with pytest.raises(ValueError, match="model.scaled_attention=False .*faithful=True"):
+        experiment.choose_checkpoint(cfg, tmp_path, 0)
