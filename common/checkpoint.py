@@ -27,21 +27,23 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from common.errors import brief
+
 _TMP = ocp.path.step.TMP_DIR_SUFFIX  # orbax's name mark of a save that has not finished
 
 
-def _reason(err: BaseException) -> str:
-    lines = str(err).splitlines()
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+def _replicated() -> jax.sharding.Sharding:
+    """Replicated over this run's devices: where restored arrays go unless a template says
+    otherwise (orbax would place them as saved, and a checkpoint written by several processes
+    or devices then cannot be read by one: "Topology mismatch")."""
+    from common import parallel
+
+    return parallel.Sharding(parallel.mesh()).replicated
 
 
 def _placed(template: Any) -> Any:
-    """Template leaves without a sharding (`jax.eval_shape`'s) replicated over this run's
-    devices: orbax would otherwise place them as they were saved, and a checkpoint written by
-    several processes or devices then cannot be read by one ("Topology mismatch")."""
-    from common import parallel
-
-    replicated = parallel.Sharding(parallel.mesh()).replicated
+    """Template leaves without a sharding (`jax.eval_shape`'s) `_replicated()`."""
+    replicated = _replicated()
 
     def leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
@@ -178,7 +180,7 @@ class Checkpointer:
                 logging.warning(
                     "checkpoint folder %s is incomplete (%s): not a best-step candidate",
                     self._path(step),
-                    _reason(err),
+                    brief(err, 300),
                 )
         return out
 
@@ -209,11 +211,8 @@ class Checkpointer:
         """(state, meta) of `step` without a template: the state as it was saved (nested dicts
         and lists), its arrays replicated over this run's devices. For readers that need only
         part of it (evaluation: the network, not an optimiser state whose layout may differ)."""
-        from common import parallel
-
-        replicated = parallel.Sharding(parallel.mesh()).replicated
         items = {
-            "state": ocp.args.StandardRestore(fallback_sharding=replicated),
+            "state": ocp.args.StandardRestore(fallback_sharding=_replicated()),
             "meta": ocp.args.JsonRestore(),
         }
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -247,7 +246,7 @@ class Checkpointer:
                     if why is None:
                         raise ValueError(
                             f"checkpoint {self._path(step)} is complete but does not fit this "
-                            f"run's state ({_reason(err)}): it was written with another "
+                            f"run's state ({brief(err, 300)}): it was written with another "
                             "configuration or version of the code; use a new --workdir"
                         ) from err
             if position is not None:  # a failed restore may have moved it
@@ -287,7 +286,7 @@ class Checkpointer:
                 for f in files:
                     json.loads(f.read_text())
         except Exception as err:  # whatever orbax or tensorstore raise on damage
-            return _reason(err)
+            return brief(err, 300)
         return None
 
     def _set_aside(self, step: int) -> pathlib.Path:

@@ -17,6 +17,7 @@ import flax
 import jax
 import numpy as np
 
+from common.errors import brief
 from famf_jax import handcrafted
 from famf_jax.model import FAMFNet, init_variables
 
@@ -187,8 +188,7 @@ def load_pth(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for damaged or foreign files
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} cannot be read by torch ({type(e).__name__}: {first})") from e
+        raise ValueError(f"{path} cannot be read by torch ({brief(e)})") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -214,5 +214,4 @@ def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: np.asarray(z[k]) for k in z.files}
     except Exception as e:  # numpy raises ValueError, OSError, BadZipFile, ... for bad files
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {first})") from e
+        raise ValueError(f"{path} is not a readable .npz ({brief(e)})") from e

@@ -28,6 +28,7 @@ from absl import logging
 from PIL import Image
 
 from common import atomic
+from common.errors import brief
 
 SPLITS = ("train", "valid", "test")
 BMODE_FILE, SWE_FILE, LABEL_FILE = "gray.jpg", "elastic.jpg", "label.npy"
@@ -134,8 +135,7 @@ def _read_label(path: pathlib.Path) -> int:
     except DataError:
         raise
     except Exception as e:  # numpy raises ValueError, OSError, EOFError, ... for bad files
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise DataError(f"{path} unreadable ({type(e).__name__}: {first})") from None
+        raise DataError(f"{path} unreadable ({brief(e)})") from None
     if not isinstance(value, np.ndarray) or value.size != 1:
         shape = getattr(value, "shape", type(value).__name__)
         raise DataError(f"{path}: label must hold one value, has shape {shape}")

@@ -25,6 +25,7 @@ from absl import logging
 from common import metrics as metrics_lib
 from common import optim, parallel
 from common.checkpoint import Checkpointer
+from common.errors import brief
 from common.loader import iterate
 from common.logging import progress
 from common.once import run_once
@@ -395,10 +396,20 @@ def _saved_value(saved: dict, name: str):
 _MISSING = object()
 
 
+# Fields that change neither the state nor the network under these settings (cfg, the saved
+# config): not compared.
+_MOOT = {
+    "train.batch_size": lambda cfg, saved: not cfg.rdo.enabled,  # the DQN's input size
+    "rdo.buffer_size": lambda cfg, saved: not cfg.rdo.enabled,
+    # faithful MAF never scales its attention (maf.py)
+    "model.scaled_attention": lambda cfg, saved: cfg.faithful and saved.get("faithful") is True,
+}
+
+
 def _differences(cfg, saved: dict, names: tuple[str, ...]) -> list[str]:
     out = []
     for name in names:
-        if name in ("train.batch_size", "rdo.buffer_size") and not cfg.rdo.enabled:
+        if name in _MOOT and _MOOT[name](cfg, saved):
             continue
         was = _saved_value(saved, name)
         now = cfg
@@ -415,8 +426,7 @@ def _meta(workdir: pathlib.Path, fold: int, step: int) -> dict:
         return ckpt.meta(step)
     except Exception as e:
         where = fold_dir(workdir, fold) / "checkpoints" / str(step)
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first})") from e
+        raise ValueError(f"checkpoint {where} is unreadable ({brief(e)})") from e
     finally:
         ckpt.close()
 
@@ -470,11 +480,7 @@ def choose_checkpoint(cfg, workdir: pathlib.Path, fold: int, n_folds: int | None
             ckpt.close()
         step = steps[-1] if step is None else step
     meta = _meta(workdir, fold, step)
-    saved = meta.get("config") or {}
-    fields = NETWORK_FIELDS
-    if cfg.faithful and saved.get("faithful") is True:  # faithful MAF never scales (maf.py)
-        fields = tuple(f for f in fields if f != "model.scaled_attention")
-    diff = _differences(cfg, saved, fields)
+    diff = _differences(cfg, meta.get("config") or {}, NETWORK_FIELDS)
     if diff:
         raise ValueError(
             f"checkpoint {where / str(step)} was made with {', '.join(diff)}: set the same"
@@ -513,10 +519,7 @@ def restore_for_eval(cfg, workdir: pathlib.Path, fold: int, chosen: tuple | None
     try:
         saved, meta = ckpt.restore_as_saved(step)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(
-            f"checkpoint {where} cannot be restored ({type(e).__name__}: {first})"
-        ) from e
+        raise ValueError(f"checkpoint {where} cannot be restored ({brief(e)})") from e
     finally:
         ckpt.close()
     template = state_template(cfg).variables
