@@ -80,7 +80,7 @@ def two_pass(
         first["f9_bmode"],
         first["f9_swe"],
         params["conv10"]["kernel"],
-        first["probs"],
+        first["logits"],
         faithful=model.faithful,
     )
     if shared:

@@ -34,8 +34,8 @@ def test_closed_form_equals_xgradcam():
     kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
     bias = jax.random.normal(keys[3], (2,))
     x = jnp.concatenate([f9_b, f9_s], -1)
-    probs = jax.nn.softmax(jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias, -1)
-    got = closed_form_cams(f9_b, f9_s, kernel, probs)
+    logits = jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias
+    got = closed_form_cams(f9_b, f9_s, kernel, logits)
     want = xgradcam_by_autodiff(f9_b, f9_s, kernel, bias)
     for g, w in zip(got, want):
         assert g.shape == (b, h, h)
@@ -45,7 +45,7 @@ def test_closed_form_equals_xgradcam():
 
 def test_constant_cam_is_zero_not_nan():
     f9 = jnp.zeros((1, 4, 4, 8))
-    cams = closed_form_cams(f9, f9, jnp.ones((1, 1, 16, 2)), jnp.array([[0.4, 0.6]]))
+    cams = closed_form_cams(f9, f9, jnp.ones((1, 1, 16, 2)), jnp.array([[0.0, 0.4]]))
     assert not np.isnan(np.asarray(cams[0])).any() and float(cams[0].max()) == 0.0
 
 
@@ -59,11 +59,12 @@ def test_faithful_cams_of_a_confident_model_follow_autograd():
     kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
     bias = jnp.array([40.0, 0.0])  # a saturated logit pair
     x = jnp.concatenate([f9_b, f9_s], -1)
-    probs = jax.nn.softmax(jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias, -1)
+    logits = jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias
+    probs = jax.nn.softmax(logits, -1)
     assert (probs[:, 0] == 1.0).all() and (probs[:, 1] > 0).all()
     want = xgradcam_by_autodiff(f9_b, f9_s, kernel, bias)
-    faithful = closed_form_cams(f9_b, f9_s, kernel, probs, faithful=True)
-    exact = closed_form_cams(f9_b, f9_s, kernel, probs)
+    faithful = closed_form_cams(f9_b, f9_s, kernel, logits, faithful=True)
+    exact = closed_form_cams(f9_b, f9_s, kernel, logits)
     w_o = kernel[0, 0, :, 1]
     for g, w, e, a, wo in zip(faithful, want, exact, (f9_b, f9_s), (w_o[:k], w_o[k:])):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
@@ -79,9 +80,63 @@ def test_faithful_and_exact_agree_when_not_saturated():
     f9_b = jax.nn.relu(jax.random.normal(keys[0], (3, 8, 8, 16)))
     f9_s = jax.nn.relu(jax.random.normal(keys[1], (3, 8, 8, 16)))
     kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 32, 2))
-    probs = jnp.array([[0.3, 0.7], [0.9, 0.1], [0.5001, 0.4999]])
+    logits = jnp.log(jnp.array([[0.3, 0.7], [0.9, 0.1], [0.5001, 0.4999]]))
     for f, e in zip(
-        closed_form_cams(f9_b, f9_s, kernel, probs, faithful=True),
-        closed_form_cams(f9_b, f9_s, kernel, probs),
+        closed_form_cams(f9_b, f9_s, kernel, logits, faithful=True),
+        closed_form_cams(f9_b, f9_s, kernel, logits),
     ):
         np.testing.assert_allclose(np.asarray(f), np.asarray(e), atol=1e-5)
+
+
+def torchcam_float32(f9_b, f9_s, kernel, bias):
+    """torchcam's XGradCAM as PyTorch's CPU float32 forms it, in NumPy, which keeps subnormals
+    (XLA on CPU flushes them): softmax, its VJP p * (e_c - p_c), the 1/HW of the pooling, the
+    channel weights sum(g A) / sum(A), the weighted sum, min-max (NaN for a constant map)."""
+    a_b, a_s, w = (np.asarray(v, np.float32) for v in (f9_b, f9_s, kernel[0, 0]))
+    x = np.concatenate([a_b, a_s], -1)
+    hw = np.float32(x.shape[1] * x.shape[2])
+    logits = (x @ w).mean((1, 2)) + np.asarray(bias, np.float32)  # bias (2,) or (B, 2)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    c = p.argmax(-1)
+    onehot = np.eye(2, dtype=np.float32)[c]
+    p_c = np.take_along_axis(p, c[:, None], 1)
+    dlogits = p * (onehot - p_c)
+    g = np.einsum("bc,kc->bk", dlogits, w)[:, None, None, :] / hw  # the same at every position
+    cams = []
+    for i, a in enumerate((a_b, a_s)):
+        gk = np.broadcast_to(g[..., i * a.shape[-1] : (i + 1) * a.shape[-1]], a.shape)
+        with np.errstate(invalid="ignore"):
+            weights = (gk * a).sum((1, 2)) / a.sum((1, 2))
+            cam = np.maximum(np.nansum(weights[:, None, None, :] * a, -1), 0)
+            cam = cam - cam.min((1, 2), keepdims=True)
+            cams.append(cam / cam.max((1, 2), keepdims=True))
+    return cams, logits
+
+
+def test_faithful_cams_where_pytorch_keeps_a_subnormal_probability():
+    # Logit margin 88: PyTorch's p_o = e^-88 is a subnormal float32 (below 1.2e-38) that it
+    # keeps and XLA on CPU flushes; margin 110: PyTorch's p_o is 0 and its map constant (NaN,
+    # zeros here, B20).
+    keys = jax.random.split(jax.random.key(3), 3)
+    b, h, k = 2, 8, 16
+    f9_b = jax.nn.relu(jax.random.normal(keys[0], (b, h, h, k)))
+    f9_s = jax.nn.relu(jax.random.normal(keys[1], (b, h, h, k)))
+    kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
+    x = jnp.concatenate([f9_b, f9_s], -1)
+    raw = np.asarray(jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)))
+    for margin in (88.0, 110.0):
+        bias = np.stack([np.zeros(b), raw[:, 0] - raw[:, 1] - margin], -1)  # class 0 wins
+        want, logits = torchcam_float32(f9_b, f9_s, kernel, bias)
+        p = np.exp(np.float32(-margin))
+        assert (0 < p < np.finfo(np.float32).tiny) if margin < 100 else p == 0
+        got = closed_form_cams(f9_b, f9_s, kernel, jnp.asarray(logits), faithful=True)
+        for g, w in zip(got, want):
+            g, w = np.asarray(g), np.asarray(w)
+            if margin < 100:
+                assert np.isfinite(w).all() and w.max() == 1.0
+                # PyTorch's own subnormal products round to 2^-149: 4e-5 here, more above
+                # (1e-2 at margin 95; from about 99 its gradients are 0 and its map NaN).
+                np.testing.assert_allclose(g, w, atol=2e-4)
+            else:
+                assert np.isnan(w).all() and (g == 0).all()

@@ -136,7 +136,10 @@ def test_cam_pass_keeps_its_own_statistics(variables, images):
     for stats_used, expect_equal in ((cam, True), (main, False)):
         cold = model.apply({"params": variables["params"], "batch_stats": stats_used}, *images)
         cams = inference.closed_form_cams(
-            cold["f9_bmode"], cold["f9_swe"], variables["params"]["conv10"]["kernel"], cold["probs"]
+            cold["f9_bmode"],
+            cold["f9_swe"],
+            variables["params"]["conv10"]["kernel"],
+            cold["logits"],
         )
         close = np.allclose(np.asarray(out["cam_bmode"]), np.asarray(cams[0]), atol=1e-6)
         assert close == expect_equal
@@ -232,7 +235,7 @@ def test_default_attention_is_not_near_uniform(variables):
     assert not model.scaled_attention
     cold = model.apply(variables, b, s)
     cams = inference.closed_form_cams(
-        cold["f9_bmode"], cold["f9_swe"], variables["params"]["conv10"]["kernel"], cold["probs"]
+        cold["f9_bmode"], cold["f9_swe"], variables["params"]["conv10"]["kernel"], cold["logits"]
     )
     out = model.apply(variables, b, s, *cams, warm=True)
     colour = jax.vmap(raa.shift)(
