@@ -14,6 +14,9 @@ ranking). ROC-AUC and the best F1 are those of the calibrated probability the de
     python run.py --config configs/famf.py:demo --workdir runs/demo --mode evaluate
     python benchmarks/famf_generalisation.py --workdir runs/demo [--patients 800] [--seed 1]
 
+A run trained on an easier set (`synthetic.generate(dir, 400, 320, seed=2, cue_noise=0.03)`,
+then `--config.data.manifest=dir/manifest.csv`) is measured with `--cue-noise 0.03 --seed 3`.
+
 Config overrides go after `--` and on to run.py's predict (not to this script's options):
     python benchmarks/famf_generalisation.py --workdir W -- --config.eval.criterion=f1_acc
 A calibration belongs to the checkpoint evaluate restored: another criterion or checkpoint
@@ -43,16 +46,24 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--patients", type=int, default=800)
     ap.add_argument("--seed", type=int, default=1, help="not the run's own (the demo's is 0)")
+    ap.add_argument(
+        "--cue-noise",
+        type=float,
+        default=synthetic.CUE_NOISE,
+        help="the generator's cue flip probability; the run's own data must have been drawn "
+        "with it (for a run trained on an easier set, e.g. 0.03)",
+    )
     ap.add_argument("overrides", nargs="*", help="--config.a.b=value, after --, for run.py")
     args = ap.parse_args()
     work = pathlib.Path(args.workdir).resolve()
     run = json.loads((work / "config.json").read_text())  # the run's variant and image size
     if args.seed == run["seed"] and not (run["data"]["manifest"] or run["data"]["root"]):
         sys.exit(f"--seed {args.seed} is the run's own: its training patients would come again")
-    data = work / f"generalisation_seed{args.seed}_{args.patients}"
+    noise = "" if args.cue_noise == synthetic.CUE_NOISE else f"_noise{args.cue_noise:g}"
+    data = work / f"generalisation_seed{args.seed}_{args.patients}{noise}"
     if not (data / "manifest.csv").exists():
         size = run["data"]["synthetic_image_size"]
-        synthetic.generate(data, args.patients, size, seed=args.seed)
+        synthetic.generate(data, args.patients, size, seed=args.seed, cue_noise=args.cue_noise)
     out = data / "predictions.csv"
     predict = [
         *(sys.executable, str(REPO / "run.py"), f"--config=configs/famf.py:{run['variant']}"),

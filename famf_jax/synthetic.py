@@ -22,6 +22,7 @@ from PIL import Image
 from famf_jax.dataset import stratified_folds
 
 MALIGNANT_FRACTION = 45 / 357
+CUE_NOISE = 0.12  # the demo's: a perfect reader of the cues reaches ROC-AUC 0.995, F1 0.94
 
 
 def jet(x: np.ndarray) -> np.ndarray:
@@ -113,7 +114,7 @@ def generate(
     image_size: int = 320,
     seed: int = 0,
     malignant_fraction: float = MALIGNANT_FRACTION,
-    cue_noise: float = 0.12,
+    cue_noise: float = CUE_NOISE,
     progress=None,
 ) -> pathlib.Path:
     """Write the dataset under `out_dir` (data/, splits/, manifest.csv); returns the manifest."""
