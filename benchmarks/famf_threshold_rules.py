@@ -1,0 +1,134 @@
+"""Which rule should choose the decision threshold on an 80-patient validation split?
+
+`common.calibration.choose_threshold` takes the best validation F1, halfway in logit space
+between the two validation cases it separates. With 10 malignant cases those two are single
+extreme scores, so this compares it with rules that read the whole validation split, on a
+trained model's own scores: from the predictions `famf_generalisation.py` wrote for many
+further patients (the population), draw `--draws` validation splits of the demo's size
+(10 malignant, 70 benign), choose a threshold on each by each rule, and report the F1 each
+threshold gets on the whole population (mean and 10th percentile over the draws):
+
+- midpoint: `choose_threshold` (the project's rule)
+- kde-in-interval: among the thresholds of best validation F1, the one whose F1 is best
+  when each validation logit is smoothed by a Gaussian kernel (Silverman's bandwidth per class)
+- kde: the best kernel-smoothed F1 anywhere
+- binormal: the best F1 of a normal distribution per class (median and MAD of the logits)
+- bagged: the median of the midpoint rule over 50 bootstrap resamples of the validation split
+
+    python benchmarks/famf_threshold_rules.py runs/demo/generalisation_seed1_800/predictions.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+from scipy.special import expit  # noqa: E402
+from scipy.stats import norm  # noqa: E402
+
+from common import calibration  # noqa: E402
+
+
+def f1_at(y: np.ndarray, z: np.ndarray, t: float) -> float:
+    pred = z >= t
+    tp, fp, fn = np.sum(pred & y), np.sum(pred & ~y), np.sum(~pred & y)
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def midpoint(y, z, rng=None):
+    return float(calibration._logit(np.array(calibration.choose_threshold(y, expit(z)))))
+
+
+def _grid(z):
+    return np.linspace(z.min() - 1, z.max() + 1, 801)
+
+
+def _smoothed_f1(y, z, grid, sd1, sd0):
+    tp = norm.sf((grid[:, None] - z[y][None]) / sd1).sum(1)
+    fp = norm.sf((grid[:, None] - z[~y][None]) / sd0).sum(1)
+    return 2 * tp / (2 * tp + fp + (y.sum() - tp))
+
+
+def _silverman(v):
+    iqr = (np.percentile(v, 75) - np.percentile(v, 25)) / 1.34
+    s = np.std(v, ddof=1)
+    return 0.9 * (min(s, iqr) if iqr > 0 else s) * len(v) ** -0.2
+
+
+def kde(y, z, rng=None, within_best=False):
+    grid = _grid(z)
+    if within_best:
+        f = np.array([f1_at(y, z, t) for t in grid])
+        grid = grid[f == f.max()]
+    f = _smoothed_f1(y, z, grid, _silverman(z[y]), _silverman(z[~y]))
+    return float(grid[np.argmax(f)])
+
+
+def binormal(y, z, rng=None):
+    def robust(v):
+        m = np.median(v)
+        return m, max(1.4826 * np.median(np.abs(v - m)), 1e-3)
+
+    (m1, s1), (m0, s0) = robust(z[y]), robust(z[~y])
+    grid = _grid(z)
+    tp, fp = y.sum() * norm.sf((grid - m1) / s1), (~y).sum() * norm.sf((grid - m0) / s0)
+    return float(grid[np.argmax(2 * tp / (2 * tp + fp + (y.sum() - tp)))])
+
+
+def bagged(y, z, rng):
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    ts = []
+    for _ in range(50):
+        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        ts.append(midpoint(y[i], z[i]))
+    return float(np.median(ts))
+
+
+RULES = {
+    "midpoint": midpoint,
+    "kde-in-interval": lambda y, z, rng: kde(y, z, within_best=True),
+    "kde": kde,
+    "binormal": binormal,
+    "bagged": bagged,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("predictions", nargs="+", help="predictions.csv with label, prob_calibrated")
+    ap.add_argument("--draws", type=int, default=300)
+    ap.add_argument("--malignant", type=int, default=10)
+    ap.add_argument("--benign", type=int, default=70)
+    args = ap.parse_args()
+    for path in args.predictions:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        y = np.array([r["label"] == "1" for r in rows])
+        # Logits of the calibrated probability, clipped where float32 saturates.
+        z = np.clip(
+            calibration._logit(np.array([float(r["prob_calibrated"]) for r in rows])), -30, 30
+        )
+        rng = np.random.default_rng(0)
+        pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+        got = {name: [] for name in RULES}
+        for _ in range(args.draws):
+            i = np.concatenate(
+                [rng.choice(pos, args.malignant, False), rng.choice(neg, args.benign, False)]
+            )
+            for name, rule in RULES.items():
+                got[name].append(f1_at(y, z, rule(y[i], z[i], rng)))
+        print(f"{path}: {y.sum()} malignant of {len(y)}, {args.draws} validation draws")
+        for name, f in got.items():
+            print(
+                f"  {name:16s} F1 mean {np.mean(f):.3f}  10th percentile {np.percentile(f, 10):.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
