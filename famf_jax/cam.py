@@ -11,8 +11,8 @@ PyTorch's float32 arithmetic (emulated in float64, subnormals kept where XLA's C
 them): the softmax derivative's coefficients p_c (1 - p_c) and -p_c p_o as autograd forms
 them, so once p_c rounds to 1 the W_c term vanishes and the map becomes relu(-sum W_o A), as
 the original's does for a confident model; for logit margins above about 80 the gradient is a
-subnormal float32 whose coarse steps the original's map keeps, and once it rounds to 0 (margins
-near 98 at 32x32) that map is constant.
+subnormal float32 whose coarse steps the original's map keeps, and once it rounds to 0 (from
+margins of 93 to 97 at 32x32, as |W_o| is larger or smaller) that map is constant.
 Deviation (B20): a constant map becomes all zeros instead of the original's all-NaN;
 `raa.bmode_centre` reproduces the original's centre for that case when faithful.
 """
@@ -52,7 +52,7 @@ def _torchcam_xgradcam(f9_bmode, f9_swe, w, logits):
         f64 = jnp.float64
         x = logits.astype(jnp.float32)
         e = f32(jnp.exp((x - x.max(-1, keepdims=True)).astype(f64)))
-        p = f32(e / f32(e.sum(-1, keepdims=True)))
+        p = f32(e * f32(1.0 / f32(e.sum(-1, keepdims=True))))  # its softmax: e * (1 / sum)
         c = (p[:, 1] > p[:, 0]).astype(jnp.int32)  # argmax (an x64 argmax fails under jit)
         p_c = jnp.take_along_axis(p, c[:, None], 1)
         d_logits = f32(p * f32(jax.nn.one_hot(c, 2, dtype=f64) - p_c))  # (B, 2)

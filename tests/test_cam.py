@@ -97,7 +97,7 @@ def torchcam_float32(f9_b, f9_s, kernel, bias):
     hw = np.float32(x.shape[1] * x.shape[2])
     logits = (x @ w).mean((1, 2)) + np.asarray(bias, np.float32)  # bias (2,) or (B, 2)
     e = np.exp(logits - logits.max(-1, keepdims=True))
-    p = e / e.sum(-1, keepdims=True)
+    p = e * (np.float32(1) / e.sum(-1, keepdims=True))  # PyTorch's CPU softmax
     c = p.argmax(-1)
     onehot = np.eye(2, dtype=np.float32)[c]
     p_c = np.take_along_axis(p, c[:, None], 1)
@@ -132,8 +132,11 @@ def test_faithful_cams_follow_pytorch_float32_where_its_gradient_is_subnormal():
         p_o = np.exp(np.float32(-margin))
         assert (p_o > 0) == (margin < 103) and (p_o < np.finfo(np.float32).tiny) == (margin > 87)
         got = closed_form_cams(f9_b, f9_s, kernel, jnp.asarray(logits), faithful=True)
-        for g, w in zip(got, want):
+        jitted = jax.jit(closed_form_cams, static_argnames="faithful")
+        got_jit = jitted(f9_b, f9_s, kernel, jnp.asarray(logits), faithful=True)
+        for g, gj, w in zip(got, got_jit, want):
             g, w = np.asarray(g), np.asarray(w)
+            np.testing.assert_array_equal(np.asarray(gj), g)  # as the model runs it, in jit
             if margin < 100:
                 assert np.isfinite(w).all() and w.max() == 1.0
                 np.testing.assert_allclose(g, w, atol=1e-6)
