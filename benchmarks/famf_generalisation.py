@@ -57,7 +57,10 @@ def main() -> None:
     args = ap.parse_args()
     work = pathlib.Path(args.workdir).resolve()
     run = json.loads((work / "config.json").read_text())  # the run's variant and image size
-    if args.seed == run["seed"] and not (run["data"]["manifest"] or run["data"]["root"]):
+    # Data the run generated itself came from its seed; given data (a folder of generated
+    # patients included, as for a second training seed on the same set) may not have.
+    given = run["data"]["manifest"] or run["data"]["root"] or run["data"]["synthetic_dir"]
+    if args.seed == run["seed"] and not given:
         sys.exit(f"--seed {args.seed} is the run's own: its training patients would come again")
     noise = "" if args.cue_noise == synthetic.CUE_NOISE else f"_noise{args.cue_noise:g}"
     data = work / f"generalisation_seed{args.seed}_{args.patients}{noise}"
