@@ -5,13 +5,25 @@ import numpy as np
 from famf_jax.cam import closed_form_cams
 
 
+def features(seed: int, b: int, h: int = 8, k: int = 16):
+    """Random fire9 activations of both streams (B, h, h, k) and a conv10 kernel (1, 1, 2k, 2)."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    f9_b = jax.nn.relu(jax.random.normal(keys[0], (b, h, h, k)))
+    f9_s = jax.nn.relu(jax.random.normal(keys[1], (b, h, h, k)))
+    return f9_b, f9_s, 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
+
+
+def logits_of(f9_b, f9_s, kernel, bias=0.0):
+    """conv10 after global average pooling (both linear), plus the bias."""
+    x = jnp.concatenate([f9_b, f9_s], -1)
+    return jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias
+
+
 def xgradcam_by_autodiff(f9_b, f9_s, kernel, bias):
     """torchcam's XGradCAM of sum_b probs[b, argmax_b] through conv10 + GAP + softmax."""
 
     def probs_of(a_b, a_s):
-        x = jnp.concatenate([a_b, a_s], -1)
-        logits = jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias
-        return jax.nn.softmax(logits, -1)
+        return jax.nn.softmax(logits_of(a_b, a_s, kernel, bias), -1)
 
     c = jnp.argmax(probs_of(f9_b, f9_s), -1)
     score = lambda a_b, a_s: jnp.take_along_axis(probs_of(a_b, a_s), c[:, None], 1).sum()
@@ -26,15 +38,11 @@ def xgradcam_by_autodiff(f9_b, f9_s, kernel, bias):
 
 
 def test_closed_form_equals_xgradcam():
-    keys = jax.random.split(jax.random.key(0), 4)
-    b, h, k = 4, 8, 16
-    f9_b = jax.nn.relu(jax.random.normal(keys[0], (b, h, h, k)))
-    f9_s = jax.nn.relu(jax.random.normal(keys[1], (b, h, h, k)))
+    b, h = 4, 8
+    f9_b, f9_s, kernel = features(0, b, h)
     f9_b = f9_b.at[:, :, :, 3].set(0.0)  # a dead channel, dropped by torchcam's nansum
-    kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
-    bias = jax.random.normal(keys[3], (2,))
-    x = jnp.concatenate([f9_b, f9_s], -1)
-    logits = jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias
+    bias = jax.random.normal(jax.random.key(10), (2,))
+    logits = logits_of(f9_b, f9_s, kernel, bias)
     got = closed_form_cams(f9_b, f9_s, kernel, logits)
     want = xgradcam_by_autodiff(f9_b, f9_s, kernel, bias)
     for g, w in zip(got, want):
@@ -52,14 +60,10 @@ def test_constant_cam_is_zero_not_nan():
 def test_faithful_cams_of_a_confident_model_follow_autograd():
     # p_c rounds to 1 in float32: autograd's coefficient p_c (1 - p_c) of W_c is 0 and the CAM
     # becomes relu(-sum W_o A); the exact closed form keeps W_c - W_o.
-    keys = jax.random.split(jax.random.key(1), 3)
-    b, h, k = 2, 8, 16
-    f9_b = jax.nn.relu(jax.random.normal(keys[0], (b, h, h, k)))
-    f9_s = jax.nn.relu(jax.random.normal(keys[1], (b, h, h, k)))
-    kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
+    k = 16
+    f9_b, f9_s, kernel = features(1, 2, k=k)
     bias = jnp.array([40.0, 0.0])  # a saturated logit pair
-    x = jnp.concatenate([f9_b, f9_s], -1)
-    logits = jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)) + bias
+    logits = logits_of(f9_b, f9_s, kernel, bias)
     probs = jax.nn.softmax(logits, -1)
     assert (probs[:, 0] == 1.0).all() and (probs[:, 1] > 0).all()
     want = xgradcam_by_autodiff(f9_b, f9_s, kernel, bias)
@@ -76,10 +80,7 @@ def test_faithful_cams_of_a_confident_model_follow_autograd():
 
 
 def test_faithful_and_exact_agree_when_not_saturated():
-    keys = jax.random.split(jax.random.key(2), 3)
-    f9_b = jax.nn.relu(jax.random.normal(keys[0], (3, 8, 8, 16)))
-    f9_s = jax.nn.relu(jax.random.normal(keys[1], (3, 8, 8, 16)))
-    kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 32, 2))
+    f9_b, f9_s, kernel = features(2, 3)
     logits = jnp.log(jnp.array([[0.3, 0.7], [0.9, 0.1], [0.5001, 0.4999]]))
     for f, e in zip(
         closed_form_cams(f9_b, f9_s, kernel, logits, faithful=True),
@@ -119,13 +120,9 @@ def test_faithful_cams_follow_pytorch_float32_where_its_gradient_is_subnormal():
     # keeps (XLA's CPU flushes it): at 88 and 95 the original's map is made of its coarse
     # steps; at 101 the gradient rounds to 0 although p_o = e^-101 does not, and at 110 p_o is
     # 0 too: the original's map is constant there (NaN; zeros here, B20).
-    keys = jax.random.split(jax.random.key(3), 3)
-    b, h, k = 2, 8, 16
-    f9_b = jax.nn.relu(jax.random.normal(keys[0], (b, h, h, k)))
-    f9_s = jax.nn.relu(jax.random.normal(keys[1], (b, h, h, k)))
-    kernel = 0.3 * jax.random.normal(keys[2], (1, 1, 2 * k, 2))
-    x = jnp.concatenate([f9_b, f9_s], -1)
-    raw = np.asarray(jnp.einsum("bhwk,kc->bhwc", x, kernel[0, 0]).mean((1, 2)))
+    b = 2
+    f9_b, f9_s, kernel = features(3, b)
+    raw = np.asarray(logits_of(f9_b, f9_s, kernel))
     for margin in (5.0, 20.0, 88.0, 95.0, 101.0, 110.0):
         bias = np.stack([np.zeros(b), raw[:, 0] - raw[:, 1] - margin], -1)  # class 0 wins
         want, logits = torchcam_float32(f9_b, f9_s, kernel, bias)
