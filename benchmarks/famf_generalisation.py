@@ -14,8 +14,11 @@ ranking). ROC-AUC and the best F1 are those of the calibrated probability the de
     python run.py --config configs/famf.py:demo --workdir runs/demo --mode evaluate
     python benchmarks/famf_generalisation.py --workdir runs/demo [--patients 800] [--seed 1]
 
-A run trained on an easier set (`synthetic.generate(dir, 400, 320, seed=2, cue_noise=0.03)`,
-then `--config.data.manifest=dir/manifest.csv`) is measured with `--cue-noise 0.03 --seed 3`.
+The further patients are drawn with the cue noise of the run's own data where `generate`
+recorded it (`generator.json`), so a run trained on an easier set
+(`synthetic.generate(dir, 400, 320, seed=2, cue_noise=0.03)`, then
+`--config.data.manifest=dir/manifest.csv`) is measured on an easier further set too
+(`--seed 3`); `--cue-noise` overrides it.
 
 Config overrides go after `--` and on to run.py's predict (not to this script's options):
     python benchmarks/famf_generalisation.py --workdir W -- --config.eval.criterion=f1_acc
@@ -41,6 +44,17 @@ from common import metrics  # noqa: E402
 from famf_jax import synthetic  # noqa: E402
 
 
+def _drawn_with(work: pathlib.Path, data: dict) -> dict | None:
+    """The generator settings of the run's data, where `synthetic.generate` recorded them."""
+    if data["manifest"]:
+        folder = pathlib.Path(data["manifest"]).parent
+    elif data["root"]:
+        folder = pathlib.Path(data["root"]).parent
+    else:
+        folder = pathlib.Path(data["synthetic_dir"] or work / "data")
+    return synthetic.generator_settings(folder)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", required=True)
@@ -49,23 +63,28 @@ def main() -> None:
     ap.add_argument(
         "--cue-noise",
         type=float,
-        default=synthetic.CUE_NOISE,
-        help="the generator's cue flip probability; the run's own data must have been drawn "
-        "with it (for a run trained on an easier set, e.g. 0.03)",
+        help="the generator's cue flip probability; default: the run's data's (recorded in its "
+        f"{synthetic.GENERATOR_FILE}), else the demo's {synthetic.CUE_NOISE}",
     )
     ap.add_argument("overrides", nargs="*", help="--config.a.b=value, after --, for run.py")
     args = ap.parse_args()
     work = pathlib.Path(args.workdir).resolve()
     run = json.loads((work / "config.json").read_text())  # the run's variant and image size
-    # Data the run generated itself came from its seed; given data (a folder of generated
-    # patients included, as for a second training seed on the same set) may not have.
-    given = run["data"]["manifest"] or run["data"]["root"] or run["data"]["synthetic_dir"]
-    if args.seed == run["seed"] and not given:
+    size = run["data"]["synthetic_image_size"]
+    own = _drawn_with(work, run["data"])
+    if args.cue_noise is None:
+        args.cue_noise = own["cue_noise"] if own else synthetic.CUE_NOISE
+    if own is not None:  # the same seed, count and size draw the same patients
+        if (own["seed"], own["patients"], own["image_size"]) == (args.seed, args.patients, size):
+            sys.exit(
+                f"--seed {args.seed} --patients {args.patients} would draw the run's own "
+                "patients again: use another seed"
+            )
+    elif args.seed == run["seed"] and not any(run["data"][k] for k in ("manifest", "root")):
         sys.exit(f"--seed {args.seed} is the run's own: its training patients would come again")
     noise = "" if args.cue_noise == synthetic.CUE_NOISE else f"_noise{args.cue_noise:g}"
     data = work / f"generalisation_seed{args.seed}_{args.patients}{noise}"
     if not (data / "manifest.csv").exists():
-        size = run["data"]["synthetic_image_size"]
         synthetic.generate(data, args.patients, size, seed=args.seed, cue_noise=args.cue_noise)
     out = data / "predictions.csv"
     predict = [

@@ -7,13 +7,15 @@ tend to be irregular, taller than wide, shadowing and stiff; benign ones smooth,
 cue is flipped to the other class's distribution with probability `cue_noise`, so the task is
 learnable but not trivial. Class balance follows the original cohort (45 of 357 malignant).
 
-Also written: `manifest.csv` (patient_id,bmode,swe,label,split) and split lists
-`splits/{train,valid,test}/<patient>`, stratified 60/20/20.
+Also written: `manifest.csv` (patient_id,bmode,swe,label,split), split lists
+`splits/{train,valid,test}/<patient>`, stratified 60/20/20, and `generator.json` (the seed,
+patient count, image size and cue noise that drew them).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import pathlib
 
 import numpy as np
@@ -23,6 +25,7 @@ from famf_jax.dataset import stratified_folds
 
 MALIGNANT_FRACTION = 45 / 357
 CUE_NOISE = 0.12  # the demo's: a perfect reader of the cues reaches ROC-AUC 0.995, F1 0.94
+GENERATOR_FILE = "generator.json"
 
 
 def jet(x: np.ndarray) -> np.ndarray:
@@ -148,4 +151,14 @@ def generate(
         w.writerow(["patient_id", "bmode", "swe", "label", "split"])
         for i in ids:
             w.writerow([i, f"data/{i}/gray.jpg", f"data/{i}/elastic.jpg", label_of[i], split_of[i]])
+    drawn = dict(seed=seed, patients=n_patients, image_size=image_size, cue_noise=cue_noise)
+    (out / GENERATOR_FILE).write_text(
+        json.dumps(dict(drawn, malignant_fraction=malignant_fraction))
+    )
     return manifest
+
+
+def generator_settings(out_dir: str | pathlib.Path) -> dict | None:
+    """What `generate` drew the dataset in `out_dir` with (None: not recorded there)."""
+    path = pathlib.Path(out_dir) / GENERATOR_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
