@@ -3,9 +3,10 @@
 For logit margins above about 80 the original's XGradCAM gradient is a subnormal float32,
 which PyTorch keeps and XLA's CPU flushes; `famf_jax.cam` emulates PyTorch's arithmetic. This
 sets conv10's bias of the parity model (`famf_torch_parity.OursNet` on the reference weights,
-one generated lesion pair) so that the predicted class wins by each margin, and prints the
-largest difference between PyTorch's CAMs (autograd, as torchcam) and faithful `predict`'s,
-or whether both are constant (NaN in PyTorch, zeros here, B20):
+one generated lesion pair) so that class 0, then class 1, wins by each margin (the two
+classes' maps differ: a map constant at every margin is the weights', not the margin's), and
+prints the largest difference between PyTorch's CAMs (autograd, as torchcam) and faithful
+`predict`'s, or whether a map is constant (NaN in PyTorch, zeros here, B20):
 
     python parity/confident_cams.py [--size 256]
 """
@@ -48,8 +49,9 @@ def main() -> None:
         f9 = torch.cat([model.acts["fire9_1"], model.acts["fire9_2"]], 1)
         raw = model.conv10(f9).mean((2, 3))[0] - model.conv10.bias
     nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731
-    for margin in MARGINS:
-        bias = np.array([0.0, float(raw[0] - raw[1]) - margin], np.float32)  # class 0 wins
+    for winner, margin in ((c, m) for c in (0, 1) for m in MARGINS):
+        bias = np.zeros(2, np.float32)
+        bias[1 - winner] = float(raw[winner] - raw[1 - winner]) - margin  # `winner` by margin
         model.conv10.bias.data = torch.tensor(bias)
         probs, _ = model(0, t1, t2, ones, ones)
         cams = xgradcam(model, probs)
@@ -64,7 +66,8 @@ def main() -> None:
                 )
             else:
                 row.append(f"{name} max diff {np.abs(mine - theirs).max():.2g}")
-        print(f"margin {margin:5.1f}  PyTorch p_o {probs[0, 1].item():.3g}  " + "; ".join(row))
+        p_o = probs[0, 1 - winner].item()
+        print(f"class {winner} by {margin:5.1f}  PyTorch p_o {p_o:.3g}  " + "; ".join(row))
 
 
 if __name__ == "__main__":
