@@ -107,3 +107,22 @@ def test_each_training_pair_keeps_its_own_swe_and_label(tmp_path, workers):
         np.testing.assert_array_equal(b["label"], i_b % 2)
         seen.update(i_b.tolist())
     assert len(seen) == 8
+
+
+def test_generated_set_records_how_it_was_drawn(tmp_path):
+    # famf_generalisation.py refuses further patients drawn with the run's own settings: the
+    # same seed, count and size redraw the same patients; another count draws others.
+    def draw(folder, n):
+        synthetic.generate(tmp_path / folder, n_patients=n, image_size=32, seed=3, cue_noise=0.05)
+        return (tmp_path / folder / "data/P0000/gray.jpg").read_bytes()
+
+    first = draw("a", 10)
+    assert synthetic.generator_settings(tmp_path / "a") == dict(
+        seed=3,
+        patients=10,
+        image_size=32,
+        cue_noise=0.05,
+        malignant_fraction=synthetic.MALIGNANT_FRACTION,
+    )
+    assert synthetic.generator_settings(tmp_path / "a/data") is None
+    assert draw("b", 10) == first and draw("c", 12) != first
