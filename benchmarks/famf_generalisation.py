@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from common import metrics  # noqa: E402
-from famf_jax import synthetic  # noqa: E402
+from famf_jax import experiment, synthetic  # noqa: E402
 
 
 def _drawn_with(work: pathlib.Path, data: dict) -> dict | None:
@@ -51,7 +51,7 @@ def _drawn_with(work: pathlib.Path, data: dict) -> dict | None:
     elif data["root"]:
         folder = pathlib.Path(data["root"]).parent
     else:
-        folder = pathlib.Path(data["synthetic_dir"] or work / "data")
+        folder = experiment.synthetic_folder(data["synthetic_dir"], work)
     return synthetic.generator_settings(folder)
 
 

@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 
 
-def minmax_normalise(cam: jax.Array) -> jax.Array:
+def minmax_normalise(cam: jax.Array, rounded=lambda x: x) -> jax.Array:
     """Per-sample (cam - min) / max_after_shift, (B, h, w) -> (B, h, w) in [0, 1]; a constant
-    map gives zeros. No epsilon: the exact CAM's scale is that of the kernel's columns."""
-    cam = cam - cam.min(axis=(1, 2), keepdims=True)
+    map gives zeros. No epsilon: the exact CAM's scale is that of the kernel's columns.
+    `rounded` is applied to each op's result (the faithful path's float32 rounding)."""
+    cam = rounded(cam - cam.min(axis=(1, 2), keepdims=True))
     top = cam.max(axis=(1, 2), keepdims=True)
-    return cam / jnp.where(top > 0, top, 1.0)
+    return rounded(cam / jnp.where(top > 0, top, 1.0))
 
 
 def _as_float32(x: jax.Array) -> jax.Array:
@@ -64,9 +65,7 @@ def _torchcam_xgradcam(f9_bmode, f9_swe, w, logits):
             num = f32(f32(g[:, None, None, :] * a).sum((1, 2)))
             weights = f32(num / f32(a.sum((1, 2))))  # 0 / 0 for dead channels: nansum drops
             cam = jax.nn.relu(f32(jnp.nansum(f32(weights[:, None, None, :] * a), -1)))
-            cam = f32(cam - cam.min(axis=(1, 2), keepdims=True))
-            top = cam.max(axis=(1, 2), keepdims=True)
-            return f32(cam / jnp.where(top > 0, top, 1.0)).astype(jnp.float32)
+            return minmax_normalise(cam, f32).astype(jnp.float32)
 
         k = f9_bmode.shape[-1]
         return one(f9_bmode, grad[:, :k]), one(f9_swe, grad[:, k:])

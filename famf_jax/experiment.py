@@ -295,7 +295,7 @@ def resolve_data(
                 "no data: set data.manifest or data.root (and data.splits), or "
                 "data.synthetic_patients > 0 for generated data"
             )
-        out = pathlib.Path(d.synthetic_dir or workdir / "data")
+        out = synthetic_folder(d.synthetic_dir, workdir)
         if out.exists() and not out.is_dir():
             raise dataset.DataError(f"data.synthetic_dir {out} is a file, expected a folder")
         manifest = out / "manifest.csv"
@@ -337,6 +337,11 @@ def resolve_data(
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+
+
+def synthetic_folder(synthetic_dir: str | None, workdir: pathlib.Path) -> pathlib.Path:
+    """Where a run's generated data are: data.synthetic_dir, by default <workdir>/data."""
+    return pathlib.Path(synthetic_dir or pathlib.Path(workdir) / "data")
 
 
 def fold_dir(workdir: pathlib.Path, fold: int) -> pathlib.Path:

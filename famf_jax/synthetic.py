@@ -152,9 +152,8 @@ def generate(
         for i in ids:
             w.writerow([i, f"data/{i}/gray.jpg", f"data/{i}/elastic.jpg", label_of[i], split_of[i]])
     drawn = dict(seed=seed, patients=n_patients, image_size=image_size, cue_noise=cue_noise)
-    (out / GENERATOR_FILE).write_text(
-        json.dumps(dict(drawn, malignant_fraction=malignant_fraction))
-    )
+    drawn["malignant_fraction"] = malignant_fraction
+    (out / GENERATOR_FILE).write_text(json.dumps(drawn))
     return manifest
 
 

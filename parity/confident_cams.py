@@ -30,17 +30,14 @@ MARGINS = (5.0, 20.0, 80.0, 85.0, 88.0, 90.0, 92.0, 94.0, 96.0, 98.0, 101.0)
 def main() -> None:
     import torch
 
-    from parity.famf_torch_parity import OursNet, lesion_images, xgradcam
+    from parity.famf_torch_parity import lesion_images, reference_model, xgradcam
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    sd = reference.random_state_dict(args.seed)
-    model = OursNet(args.size)
-    model.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, False)
-    model.eval()
+    sd, model = reference_model(args.size, args.seed)
     x1, x2 = lesion_images(1, args.size, args.seed + 1)
     t1, t2 = torch.tensor(x1), torch.tensor(x2)
     ones = torch.ones(1, args.size // 8, args.size // 8)
@@ -48,7 +45,6 @@ def main() -> None:
         model(0, t1, t2, ones, ones)
         f9 = torch.cat([model.acts["fire9_1"], model.acts["fire9_2"]], 1)
         raw = model.conv10(f9).mean((2, 3))[0] - model.conv10.bias
-    nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731
     for winner, margin in ((c, m) for c in (0, 1) for m in MARGINS):
         bias = np.zeros(2, np.float32)
         bias[1 - winner] = float(raw[winner] - raw[1 - winner]) - margin  # `winner` by margin
@@ -56,7 +52,7 @@ def main() -> None:
         probs, _ = model(0, t1, t2, ones, ones)
         cams = xgradcam(model, probs)
         variables = convert.from_torch(dict(sd, **{"conv10.bias": bias}))
-        ours = inference.predict(variables, nhwc(x1), nhwc(x2), faithful=True)
+        ours = inference.predict(variables, reference.nhwc(x1), reference.nhwc(x2), faithful=True)
         row = []
         for name, cam in zip(("cam_bmode", "cam_swe"), cams):
             theirs, mine = cam.numpy(), np.asarray(ours[name])

@@ -250,17 +250,22 @@ def lesion_images(batch: int, size: int, seed: int) -> tuple[np.ndarray, np.ndar
     return tuple(np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for x in images)
 
 
+def reference_model(size: int, seed: int) -> tuple[dict, OursNet]:
+    """(state_dict, the original network on it in eval mode): `reference.random_state_dict`."""
+    sd = reference.random_state_dict(seed)
+    model = OursNet(size)
+    missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, False)
+    assert not unexpected and all(k.endswith(reference.OWN_KEYS) for k in missing), missing
+    return sd, model.eval()
+
+
 def torch_reference(size: int, batch: int, seed: int) -> tuple[dict, dict]:
     """(state_dict, reference): the original model on `reference.random_state_dict(seed)` and
     generated lesion pairs (`lesion_images`, seed + 1), in eval mode: `predict`'s path (CAMs by
     autograd, then the warm pass) and the warm pass on given CAMs (local peaks, unequal row
     and column shifts (B3) and the original's NaN CAM (B20), which random weights do not
     produce). Returns numpy arrays, NCHW as the original returns them."""
-    sd = reference.random_state_dict(seed)
-    model = OursNet(size)
-    missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, False)
-    assert not unexpected and all(k.endswith(reference.OWN_KEYS) for k in missing), missing
-    model.eval()
+    sd, model = reference_model(size, seed)
     x1, x2 = lesion_images(batch, size, seed + 1)
     t1, t2 = torch.tensor(x1), torch.tensor(x2)
     h = size // 8

@@ -38,6 +38,11 @@ def original_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def nhwc(t) -> np.ndarray:
+    """The original's NCHW arrays as this project's NHWC."""
+    return np.ascontiguousarray(np.asarray(t).transpose(0, 2, 3, 1))
+
+
 def random_state_dict(seed: int) -> dict[str, np.ndarray]:
     """OursNet weights, float32, in key order (deterministic per seed):
     - convolution kernels U(-sqrt(6 / fan_in), sqrt(6 / fan_in)), He's scale: with PyTorch's
@@ -128,7 +133,6 @@ def compare(sd: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> dict
     from famf_jax.model import FAMFNet
 
     variables = convert.from_torch(sd)
-    nhwc = lambda t: np.ascontiguousarray(np.asarray(t).transpose(0, 2, 3, 1))  # noqa: E731
     x1, x2 = nhwc(ref["x1"]), nhwc(ref["x2"])
     out = inference.predict(variables, x1, x2, faithful=True)
     # The original's 0/0 normalisation of an all-zero CAM gives NaN where ours gives 0.
