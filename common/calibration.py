@@ -52,7 +52,15 @@ def combine_folds(
     if len(calibrated) == 1:
         return np.asarray(calibrated[0], np.float64), float(thresholds[0])
     z = np.mean([_logit(q, _SYMMETRIC) for q in calibrated], axis=0)
-    return expit(z), float(expit(np.mean([_logit(t, _SYMMETRIC) for t in thresholds])))
+    return expit(z), mean_threshold(thresholds)
+
+
+def mean_threshold(thresholds: list[float]) -> float:
+    """The folds' thresholds averaged in logit space (clipped as in `combine_folds`): the
+    ensemble's threshold, and the one summary of several folds' thresholds that is."""
+    if len(thresholds) == 1:
+        return float(thresholds[0])
+    return float(expit(np.mean([_logit(t, _SYMMETRIC) for t in thresholds])))
 
 
 def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
@@ -68,11 +76,19 @@ def at_search_bound(temperature: float) -> bool:
 
 
 def weak_validation(labels: np.ndarray, prob_pos: np.ndarray, temperature: float) -> str | None:
-    """Why the calibration fitted on these validation scores means little, or None: a ROC-AUC
-    of at most 0.6 (scores that hardly tell the classes apart; their fitted T lands anywhere
-    from a few to the e^4 bound, by chance) or a T at a search bound."""
+    """Why the calibration fitted on these validation scores means little, or None: one class
+    only (nothing is fitted: T 1 and threshold 0.5 are defaults), a ROC-AUC of at most 0.6
+    (scores that hardly tell the classes apart; their fitted T lands anywhere from a few to
+    the e^4 bound, by chance) or a T at a search bound."""
+    y = np.asarray(labels)
+    if len(y) == 0 or y.min() == y.max():
+        return (
+            f"the validation split holds {'no case' if len(y) == 0 else 'one class only'} "
+            f"({len(y)} cases, {int(y.sum())} malignant): the temperature (1) and threshold "
+            "(0.5) are defaults, not fitted"
+        )
     auc = roc_auc(labels, prob_pos)
-    if auc <= 0.6 or at_search_bound(temperature):
+    if not auc > 0.6 or at_search_bound(temperature):
         return (
             f"the validation scores hardly tell the classes apart (ROC-AUC {auc:.3f}, "
             f"temperature {temperature:.3g}): the calibrated probabilities and the threshold "

@@ -51,28 +51,47 @@ CONVENTIONS = (
 OPERATING_POINT_KEYS = ("threshold", "f1", "sensitivity", "specificity", "precision")
 
 
+def _target_sensitivity(cfg) -> float | None:
+    return cfg.eval.target_sensitivity if cfg.eval.operating_point == "sensitivity" else None
+
+
+def threshold_rule(cfg) -> str:
+    """How `eval.operating_point` (and `eval.target_sensitivity`) choose the threshold, as
+    calibration.json records it."""
+    target = _target_sensitivity(cfg)
+    return "best F1" if target is None else f"sensitivity >= {target}"
+
+
 def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
-    """Temperature and decision threshold of a fold, from its validation split."""
+    """Temperature and decision threshold of a fold, from its validation split; `warning`
+    says why they mean little (None if they do not)."""
     t = calibration.fit_temperature(labels, prob_pos)
-    target = cfg.eval.target_sensitivity if cfg.eval.operating_point == "sensitivity" else None
     threshold = calibration.choose_threshold(
-        labels, calibration.apply_temperature(prob_pos, t), target
+        labels, calibration.apply_temperature(prob_pos, t), _target_sensitivity(cfg)
     )
-    rule = "best F1" if target is None else f"sensitivity >= {target}"
     weak = calibration.weak_validation(labels, prob_pos, t)
     if weak:
         logging.warning("calibration: %s", weak)
-    return {"temperature": t, "threshold": threshold, "rule": rule, "valid_cases": len(labels)}
+    return {
+        "temperature": t,
+        "threshold": threshold,
+        "rule": threshold_rule(cfg),
+        "valid_cases": len(labels),
+        "warning": weak,
+    }
 
 
 def calibration_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:
     return fold_dir(workdir, fold) / "calibration.json"
 
 
-def read_calibration(workdir: pathlib.Path, fold: int, step: int) -> dict | None:
-    """A fold's calibration.json if it was fitted for checkpoint `step` (None, with a warning,
-    if it belongs to another one: evaluate ran with another eval.checkpoint or criterion; None
-    if evaluation has not written one); a damaged file is an error naming it."""
+def read_calibration(
+    workdir: pathlib.Path, fold: int, step: int, rule: str | None = None
+) -> dict | None:
+    """A fold's calibration.json if it was fitted for checkpoint `step` and, if given, by
+    threshold rule `rule` (None, with a warning, if it belongs to another checkpoint or rule:
+    evaluate ran with another eval.checkpoint, criterion or operating point; None if
+    evaluation has not written one); a damaged file is an error naming it."""
     path = calibration_path(workdir, fold)
     if not path.exists():
         return None
@@ -94,6 +113,15 @@ def read_calibration(workdir: pathlib.Path, fold: int, step: int) -> dict | None
             step,
         )
         return None
+    if rule is not None and calib.get("rule") != rule:
+        logging.warning(
+            "fold %d's threshold was chosen by %s, this run asks for %s (run --mode=evaluate "
+            "with the same eval.operating_point and eval.target_sensitivity)",
+            fold,
+            calib.get("rule", "an unrecorded rule"),
+            rule,
+        )
+        return None
     return calib
 
 
@@ -110,6 +138,40 @@ def operating_point_metrics(labels: np.ndarray, q: np.ndarray, calib: dict) -> d
         "operating_point": op,
         "ece_calibrated": metrics_lib.expected_calibration_error(labels, q),
     }
+
+
+def summarise_test(folds: list[dict], calibrated: list[np.ndarray]) -> dict:
+    """metrics.json's `test`: one fold's test metrics; over several, each metric's mean over
+    folds (`std` beside it), the threshold as the folds' mean in logit space (the ensemble's,
+    `calibration.mean_threshold`) and, when every fold has the same test patients, `ensemble`:
+    the metrics of what predict outputs, the folds' calibrated probabilities and thresholds
+    combined (`calibration.combine_folds`)."""
+    if len(folds) == 1:
+        return dict(folds[0]["test"])
+    keys = [*REPORT_KEYS, "specificity_at_90_sensitivity", "specificity_at_95_sensitivity"]
+    summary = metrics_lib.summarise_folds(
+        [f["test"] for f in folds], keys + ["ece", "ece_calibrated"]
+    )
+    out = {k: v["mean"] for k, v in summary.items()}
+    out["std"] = {k: v["std"] for k, v in summary.items()}
+    ops = metrics_lib.summarise_folds(
+        [f["test"]["operating_point"] for f in folds], OPERATING_POINT_KEYS[1:]
+    )
+    thresholds = [f["calibration"]["threshold"] for f in folds]
+    out["operating_point"] = {
+        "threshold": calibration.mean_threshold(thresholds),
+        **{k: v["mean"] for k, v in ops.items()},
+        "std": {k: v["std"] for k, v in ops.items()},
+    }
+    ids = [[r["patient_id"] for r in f["predictions"]] for f in folds]
+    if all(i == ids[0] for i in ids):
+        y = np.array([r["label"] for r in folds[0]["predictions"]])
+        q, t = calibration.combine_folds(calibrated, thresholds)
+        out["ensemble"] = {
+            "roc_auc": metrics_lib.roc_auc(y, q),
+            **operating_point_metrics(y, q, {"threshold": t}),
+        }
+    return out
 
 
 def _fmt(v) -> str:
@@ -207,23 +269,7 @@ def evaluate(cfg, workdir: str | pathlib.Path) -> dict:
         curves.append((f"fold {k}", y, p, q))
         if first_vars is None:
             first_vars = (variables, test_records, warm)
-    if len(folds) == 1:
-        test_summary = {k: v for k, v in folds[0]["test"].items()}
-    else:
-        keys = [
-            *REPORT_KEYS,
-            "specificity_at_90_sensitivity",
-            "specificity_at_95_sensitivity",
-            "ece",
-        ]
-        summary = metrics_lib.summarise_folds([f["test"] for f in folds], keys + ["ece_calibrated"])
-        test_summary = {k: v["mean"] for k, v in summary.items()}
-        test_summary["std"] = {k: v["std"] for k, v in summary.items()}
-        ops = metrics_lib.summarise_folds(
-            [f["test"]["operating_point"] for f in folds], OPERATING_POINT_KEYS
-        )
-        test_summary["operating_point"] = {k: v["mean"] for k, v in ops.items()}
-        test_summary["operating_point"]["std"] = {k: v["std"] for k, v in ops.items()}
+    test_summary = summarise_test(folds, [c[3] for c in curves])
     result = {
         "criterion": cfg.eval.criterion,
         "conventions": CONVENTIONS,
@@ -288,7 +334,7 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
             f"| roc_auc 95% CI | {_fmt(t['roc_auc_ci'][0])} – {_fmt(t['roc_auc_ci'][1])} |"
         )
         lines.append(f"| f1 95% CI | {_fmt(t['f1_ci'][0])} – {_fmt(t['f1_ci'][1])} |")
-    op = t["operating_point"]
+    op, ensemble = t["operating_point"], t.get("ensemble")
     rule = result["folds"][0]["calibration"]["rule"]
     lines += [
         "",
@@ -299,15 +345,47 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
         f"calibrated validation probabilities ({rule}, halfway in logit space between the cases "
         f"it separates); the rows above use the fixed 0.5 on the raw probabilities.",
         "",
-        "| metric | value |",
-        "|---|---|",
     ]
-    for k in OPERATING_POINT_KEYS:
-        std = op.get("std", {}).get(k)
-        lines.append(
-            f"| {k} | {_fmt(op[k])}" + (f" ± {_fmt(std)}" if std is not None else "") + " |"
+    if len(result["folds"]) > 1:
+        lines += [
+            "Mean over folds, each at its own threshold (the threshold: their mean in logit "
+            "space, the ensemble's)"
+            + (
+                "; ensemble: the folds' calibrated probabilities and thresholds combined, as "
+                "`--mode=predict` outputs them, on the same test patients."
+                if ensemble
+                else "."
+            ),
+            "",
+        ]
+    lines += [
+        "| metric | value |" + (" ensemble |" if ensemble else ""),
+        "|---|---|" + ("---|" if ensemble else ""),
+    ]
+
+    def row(name: str, value, std, ensemble_value) -> str:
+        return (
+            f"| {name} | {_fmt(value)}"
+            + (f" ± {_fmt(std)}" if std is not None else "")
+            + (f" | {_fmt(ensemble_value)}" if ensemble else "")
+            + " |"
         )
-    lines.append(f"| ece (calibrated) | {_fmt(t['ece_calibrated'])} |")
+
+    for k in OPERATING_POINT_KEYS:
+        e = ensemble["operating_point"][k] if ensemble else None
+        lines.append(row(k, op[k], op.get("std", {}).get(k), e))
+    stds = t.get("std", {})
+    e = ensemble["ece_calibrated"] if ensemble else None
+    lines.append(row("ece (calibrated)", t["ece_calibrated"], stds.get("ece_calibrated"), e))
+    if ensemble:
+        lines.append(row("roc_auc", t["roc_auc"], stds.get("roc_auc"), ensemble["roc_auc"]))
+    warnings = [
+        f"fold {f['fold']}: {f['calibration']['warning']}"
+        for f in result["folds"]
+        if f["calibration"].get("warning")
+    ]
+    if warnings:
+        lines += ["", *[f"**Warning**, {w}." for w in warnings]]
     lines += [
         "",
         "## Per fold",
@@ -403,7 +481,8 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
             "(--mode=train) or import weights (--mode=import_torch)"
         )
     chosen = {k: choose_checkpoint(cfg, workdir, k) for k in folds}
-    calibs = {k: read_calibration(workdir, k, chosen[k][0]) for k in folds}
+    rule = threshold_rule(cfg)
+    calibs = {k: read_calibration(workdir, k, chosen[k][0], rule) for k in folds}
     recs, _ = read_predict_input(cfg.predict.input)
     fused = uses_fusion(cfg)
     per_fold, calibrated, thresholds = [], [], []
@@ -445,7 +524,9 @@ def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
                 [
                     r.patient_id,
                     f"{mean[i]:.6f}",
-                    "" if cal is None else f"{cal[i]:.6f}",
+                    # in full (shortest round trip): a score 5e-9 above a threshold of 1e-9
+                    # must not read 0.000000 beside its decision 1
+                    "" if cal is None else repr(float(cal[i])),
                     "" if cal is None else int(cal[i] >= threshold),
                     *[f"{p[i]:.6f}" for p in per_fold],
                     "" if r.label < 0 else r.label,

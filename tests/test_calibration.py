@@ -153,3 +153,91 @@ def test_a_calibration_applies_only_to_its_own_checkpoint(tmp_path, caplog):
     assert "fitted for checkpoint 240, this run restores 150" in caplog.text
     write_calibration(tmp_path, 0, calib)  # written before steps were recorded
     assert read_calibration(tmp_path, 0, 240) is None
+
+
+def test_a_calibration_applies_only_to_its_own_threshold_rule(tmp_path, caplog):
+    """evaluate with the best-F1 rule, then predict asking for a target sensitivity: the
+    best-F1 threshold must not be used as if it were the one asked for."""
+    from famf_jax.evaluate import read_calibration, write_calibration
+
+    (tmp_path / "fold_0").mkdir()
+    calib = {"temperature": 0.8, "threshold": 0.3, "rule": "best F1", "step": 240}
+    write_calibration(tmp_path, 0, calib)
+    assert read_calibration(tmp_path, 0, 240, "best F1")["threshold"] == 0.3
+    assert read_calibration(tmp_path, 0, 240, "sensitivity >= 0.95") is None
+    assert "chosen by best F1, this run asks for sensitivity >= 0.95" in caplog.text
+
+
+def test_a_validation_split_that_cannot_calibrate_is_named():
+    """One class (or none): T 1 and threshold 0.5 are defaults, not fitted; the ROC-AUC is
+    undefined (NaN), which a `<= 0.6` test would have let pass silently."""
+    from ml_collections import ConfigDict
+
+    from famf_jax.evaluate import fit_calibration
+
+    p = np.array([0.1, 0.7, 0.4])
+    for y, what in (([0, 0, 0], "one class only"), ([1, 1, 1], "one class only"), ([], "no case")):
+        y = np.array(y)
+        reason = calibration.weak_validation(y, p[: len(y)], 1.0)
+        assert reason and what in reason, reason
+    cfg = ConfigDict({"eval": {"operating_point": "f1", "target_sensitivity": 0.95}})
+    calib = fit_calibration(cfg, np.zeros(3), p)
+    assert (calib["temperature"], calib["threshold"]) == (1.0, 0.5)
+    assert "one class only" in calib["warning"]
+    y = np.array([0, 1, 0])  # ranked right
+    assert fit_calibration(cfg, y, p)["warning"] is None
+
+
+def _fold(k, ids, y, p, t, threshold):
+    """A fold as evaluate records it, from test labels, raw P(1), temperature, threshold."""
+    from common import metrics
+    from famf_jax.evaluate import operating_point_metrics
+
+    q = calibration.apply_temperature(p, t)
+    test = metrics.classification_metrics(y, p)
+    test.update(metrics.clinical_extras(y, p, 20))
+    test.update(operating_point_metrics(y, q, {"threshold": threshold}))
+    calib = {"temperature": t, "threshold": threshold, "rule": "best F1", "warning": None}
+    predictions = [
+        {"patient_id": i, "label": int(c), "prob_malignant": float(v)} for i, c, v in zip(ids, y, p)
+    ]
+    fold = {"fold": k, "step": 10, "epoch": 1, "warm": True, "valid": {"f1_acc": 1.0}}
+    return {**fold, "calibration": calib, "test": test, "predictions": predictions}, q
+
+
+def test_several_folds_summarise_as_predict_decides(tmp_path):
+    """Over folds the threshold in metrics.json is the one predict applies (logit mean, not a
+    mean of probabilities: 0.5 and 0.01 give 0.091, not 0.255), and `ensemble` scores what
+    predict outputs on the shared test set; folds with other test patients get no ensemble."""
+    from common import metrics
+    from configs.famf import get_config
+    from famf_jax.evaluate import summarise_test, write_report
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(30), np.ones(10)].astype(int)
+    ids = [f"p{i}" for i in range(40)]
+    p1, p2 = (np.clip(0.3 * y + rng.random(40) * 0.7, 0, 1) for _ in range(2))
+    (f1, q1), (f2, q2) = _fold(0, ids, y, p1, 0.7, 0.5), _fold(1, ids, y, p2, 1.3, 0.01)
+    out = summarise_test([f1, f2], [q1, q2])
+    q, t = calibration.combine_folds([q1, q2], [0.5, 0.01])
+    assert (
+        out["operating_point"]["threshold"] == pytest.approx(t) == pytest.approx(0.0913, abs=1e-4)
+    )
+    assert out["operating_point"]["f1"] == pytest.approx(
+        (f1["test"]["operating_point"]["f1"] + f2["test"]["operating_point"]["f1"]) / 2
+    )
+    assert (
+        out["ensemble"]["operating_point"]["f1"]
+        == metrics.classification_metrics(y, q, threshold=t)["f1"]
+    )
+    assert out["ensemble"]["roc_auc"] == metrics.roc_auc(y, q)
+    other, _ = _fold(1, [f"q{i}" for i in range(40)], y, p2, 1.3, 0.01)
+    assert "ensemble" not in summarise_test([f1, other], [q1, q2])
+    # the report shows the ensemble column and names a fold that could not calibrate
+    f2["calibration"]["warning"] = "the validation split holds one class only"
+    result = {"criterion": "f1_acc", "test": out, "folds": [f1, f2], "data_problems": []}
+    curves = [("fold 0", y, p1, q1), ("fold 1", y, p2, q2)]
+    text = write_report(get_config("smoke"), tmp_path, result, curves, None).read_text()
+    assert "| metric | value | ensemble |" in text
+    assert f"| threshold | {t:.3f} | {t:.3f} |" in text
+    assert "**Warning**, fold 1: the validation split holds one class only." in text
