@@ -93,6 +93,48 @@ def test_run_py_train_evaluate_predict(straight):
     assert auc >= 0.75, auc
 
 
+@pytest.mark.slow
+def test_folds_evaluate_and_predict_agree(straight):
+    """Two folds: metrics.json's ensemble (the folds' calibrated probabilities and thresholds
+    combined) is exactly what predict decides on the same test patients, its threshold the
+    folds' mean in logit space; predict asked for another threshold rule leaves the calibrated
+    columns empty rather than apply the best-F1 threshold."""
+    from common import calibration
+
+    work = straight / "two_folds"
+    base = [*smoke_flags(straight), f"--workdir={work}", "--config.data.folds=2"]
+    base[base.index(f"--config.train.epochs={EPOCHS}")] = "--config.train.epochs=1"
+    for mode in ("train", "evaluate"):
+        r = run_py(*base, f"--mode={mode}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((work / "metrics.json").read_text())
+    thresholds = [f["calibration"]["threshold"] for f in m["folds"]]
+    assert len(thresholds) == 2
+    assert m["test"]["operating_point"]["threshold"] == calibration.mean_threshold(thresholds)
+    ensemble = m["test"]["ensemble"]
+    test_ids = {p["patient_id"] for p in m["folds"][0]["predictions"]}
+    manifest = straight / "data" / "manifest.csv"
+    r = run_py(*base, "--mode=predict", f"--config.predict.input={manifest}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [x.split(",") for x in (work / "predictions.csv").read_text().splitlines()[1:]]
+    rows = [x for x in rows if x[0] in test_ids]
+    assert len(rows) == len(test_ids)
+    y = np.array([int(x[-1]) for x in rows])
+    decided = metrics.classification_metrics(y, np.array([float(x[3]) for x in rows]))
+    assert decided["f1"] == ensemble["operating_point"]["f1"]
+    assert decided["sensitivity"] == ensemble["operating_point"]["sensitivity"]
+    assert metrics.roc_auc(y, np.array([float(x[2]) for x in rows])) == ensemble["roc_auc"]
+    r = run_py(
+        *base,
+        "--mode=predict",
+        f"--config.predict.input={manifest}",
+        "--config.eval.operating_point=sensitivity",
+    )
+    assert r.returncode == 0 and "this run asks for sensitivity >= 0.95" in r.stderr
+    row = (work / "predictions.csv").read_text().splitlines()[1].split(",")
+    assert row[2] == row[3] == ""
+
+
 def test_run_py_rejects_bad_input(tmp_path):
     r = run_py("--config", "configs/famf.py:smoke", "--mode=fly")
     assert r.returncode != 0 and "mode" in r.stderr
