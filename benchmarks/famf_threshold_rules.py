@@ -1,8 +1,9 @@
 """Which rule should choose the decision threshold on an 80-patient validation split?
 
-`common.calibration.choose_threshold` takes the best validation F1, halfway in logit space
-between the two validation cases it separates. With 10 malignant cases those two are single
-extreme scores, so this compares it with rules that read the whole validation split, on a
+`common.calibration.choose_threshold` by the best validation F1 (`eval.operating_point=f1`)
+puts it halfway in logit space between the two validation cases it separates. With 10
+malignant cases those two are single extreme scores, so this compares it with rules that read
+the whole validation split (the default `smoothed_f1` among them), on a
 trained model's own scores: from the predictions `famf_generalisation.py` wrote for many
 further patients (the population), draw `--draws` validation splits of the demo's size
 (10 malignant, 70 benign), choose a threshold on each by each rule, and report the F1 each
@@ -11,10 +12,11 @@ over the draws), and how often it reaches F1 >= `--target` on a test split of th
 drawn from the rest (what a run's test F1 at its operating point is judged on; beside it, how
 often any threshold would):
 
-- midpoint: `choose_threshold` (the project's rule)
+- midpoint: `choose_threshold` (`eval.operating_point=f1`)
 - kde-in-interval: among the thresholds of best validation F1, the one whose F1 is best
   when each validation logit is smoothed by a Gaussian kernel (Silverman's bandwidth per class)
-- kde: the best kernel-smoothed F1 anywhere
+- kde: the best kernel-smoothed F1 anywhere, `choose_threshold(smoothed=True)`
+  (`eval.operating_point=smoothed_f1`, the default)
 - binormal: the best F1 of a normal distribution per class (median and MAD of the logits)
 - bagged: the median of the midpoint rule over 50 bootstrap resamples of the validation split
 
@@ -44,8 +46,9 @@ def f1_at(y: np.ndarray, z: np.ndarray, t: float) -> float:
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
-def midpoint(y, z, rng=None):
-    return float(calibration._logit(np.array(calibration.choose_threshold(y, expit(z)))))
+def midpoint(y, z, rng=None, smoothed=False):
+    t = calibration.choose_threshold(y, expit(z), smoothed=smoothed)
+    return float(calibration._logit(np.array(t)))
 
 
 def _grid(z):
@@ -58,18 +61,12 @@ def _smoothed_f1(y, z, grid, sd1, sd0):
     return 2 * tp / (2 * tp + fp + (y.sum() - tp))
 
 
-def _silverman(v):
-    iqr = (np.percentile(v, 75) - np.percentile(v, 25)) / 1.34
-    s = np.std(v, ddof=1)
-    return 0.9 * (min(s, iqr) if iqr > 0 else s) * len(v) ** -0.2
-
-
-def kde(y, z, rng=None, within_best=False):
+def kde_in_interval(y, z, rng=None):
     grid = _grid(z)
-    if within_best:
-        f = np.array([f1_at(y, z, t) for t in grid])
-        grid = grid[f == f.max()]
-    f = _smoothed_f1(y, z, grid, _silverman(z[y]), _silverman(z[~y]))
+    f = np.array([f1_at(y, z, t) for t in grid])
+    grid = grid[f == f.max()]
+    silverman = calibration._silverman
+    f = _smoothed_f1(y, z, grid, silverman(z[y]), silverman(z[~y]))
     return float(grid[np.argmax(f)])
 
 
@@ -101,8 +98,8 @@ def draw(y, among, n_pos, n_neg, rng):
 
 RULES = {
     "midpoint": midpoint,
-    "kde-in-interval": lambda y, z, rng: kde(y, z, within_best=True),
-    "kde": kde,
+    "kde-in-interval": kde_in_interval,
+    "kde": lambda y, z, rng: midpoint(y, z, smoothed=True),
     "binormal": binormal,
     "bagged": bagged,
 }

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 from scipy.special import expit
+from scipy.stats import norm
 
 from common.metrics import roc_auc
 
@@ -132,7 +133,10 @@ def fit_temperature(labels: np.ndarray, prob_pos: np.ndarray, iters: int = 100) 
 
 
 def choose_threshold(
-    labels: np.ndarray, prob_pos: np.ndarray, target_sensitivity: float | None = None
+    labels: np.ndarray,
+    prob_pos: np.ndarray,
+    target_sensitivity: float | None = None,
+    smoothed: bool = False,
 ) -> float:
     """Decision threshold (predict positive when p >= threshold) on validation probabilities.
 
@@ -140,12 +144,17 @@ def choose_threshold(
     validation case sits on the boundary, and a gap between saturated and unsaturated scores
     is split in the model's own scale, not next to one side) and the ends. Default: the best
     F1 (ties: the higher threshold, fewer false positives). With `target_sensitivity`: the
-    highest threshold whose sensitivity is at least the target. 0.5 when the labels hold one
-    class only."""
+    highest threshold whose sensitivity is at least the target. With `smoothed` (and no
+    target): the best kernel-smoothed F1 (`smoothed_f1_threshold`). 0.5 when the labels hold
+    one class only."""
     y = np.asarray(labels).astype(bool)
     p = np.asarray(prob_pos, np.float64)
     if len(y) == 0 or y.all() or not y.any():
         return 0.5
+    if smoothed and target_sensitivity is None:
+        t = smoothed_f1_threshold(y, p)
+        if t is not None:
+            return t
     s = np.unique(p)
     z = _logit(s)
     # rounding (and the finite logits of 0 and 1) can put a midpoint on or outside its gap
@@ -166,3 +175,39 @@ def choose_threshold(
         if best_key is None or key > best_key:
             best, best_key = float(t), key
     return best
+
+
+def _silverman(z: np.ndarray) -> float:
+    """Silverman's rule-of-thumb bandwidth (0 for fewer than two distinct values)."""
+    if len(z) < 2 or np.ptp(z) == 0:  # np.std of equal values can round to 1e-16
+        return 0.0
+    sd = float(np.std(z, ddof=1))
+    iqr = float(np.subtract(*np.percentile(z, [75, 25]))) / 1.34
+    return 0.9 * (min(sd, iqr) if iqr > 0 else sd) * len(z) ** -0.2
+
+
+def smoothed_f1_threshold(labels: np.ndarray, prob_pos: np.ndarray, points: int = 4001):
+    """The threshold of the best F1 when each validation case's logit is read as a Gaussian
+    (each class's own Silverman bandwidth): expected true and false positives are sums of
+    tail probabilities, so the threshold answers to every case near it and leans away from
+    the side where F1 falls faster, instead of resting on the two extreme cases a best-F1
+    interval is bounded by. On a plateau of the best value (cases far apart): its middle.
+    None when neither class's scores spread (nothing to smooth with)."""
+    y = np.asarray(labels).astype(bool)
+    z = _logit(prob_pos, _SYMMETRIC)
+    h1, h0 = _silverman(z[y]), _silverman(z[~y])
+    if not (h1 > 0 or h0 > 0):
+        return None
+    h1, h0 = h1 or h0, h0 or h1  # a class without spread borrows the other's bandwidth
+    pad = 4 * max(h1, h0)
+    grid = np.linspace(z.min() - pad, z.max() + pad, points)
+    tp = norm.sf((grid[:, None] - z[y][None]) / h1).sum(1)
+    fp = norm.sf((grid[:, None] - z[~y][None]) / h0).sum(1)
+    f1 = 2 * tp / (tp + fp + y.sum())
+    near = f1 >= f1.max() * (1 - 1e-12)
+    lo = hi = int(np.argmax(f1))
+    while lo > 0 and near[lo - 1]:
+        lo -= 1
+    while hi < points - 1 and near[hi + 1]:
+        hi += 1
+    return float(expit((grid[lo] + grid[hi]) / 2))

@@ -49,6 +49,11 @@ CONVENTIONS = (
 
 
 OPERATING_POINT_KEYS = ("threshold", "f1", "sensitivity", "specificity", "precision")
+RULE_NOTES = {
+    "best kernel-smoothed F1": ", each validation logit read as a Gaussian of its class's "
+    "Silverman bandwidth",
+    "best F1": ", halfway in logit space between the cases it separates",
+}
 
 
 def _target_sensitivity(cfg) -> float | None:
@@ -58,8 +63,9 @@ def _target_sensitivity(cfg) -> float | None:
 def threshold_rule(cfg) -> str:
     """How `eval.operating_point` (and `eval.target_sensitivity`) choose the threshold, as
     calibration.json records it."""
-    target = _target_sensitivity(cfg)
-    return "best F1" if target is None else f"sensitivity >= {target}"
+    if cfg.eval.operating_point == "sensitivity":
+        return f"sensitivity >= {cfg.eval.target_sensitivity}"
+    return {"smoothed_f1": "best kernel-smoothed F1", "f1": "best F1"}[cfg.eval.operating_point]
 
 
 def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
@@ -67,7 +73,10 @@ def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
     says why they mean little (None if they do not)."""
     t = calibration.fit_temperature(labels, prob_pos)
     threshold = calibration.choose_threshold(
-        labels, calibration.apply_temperature(prob_pos, t), _target_sensitivity(cfg)
+        labels,
+        calibration.apply_temperature(prob_pos, t),
+        _target_sensitivity(cfg),
+        smoothed=cfg.eval.operating_point == "smoothed_f1",
     )
     weak = calibration.weak_validation(labels, prob_pos, t)
     if weak:
@@ -342,8 +351,8 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
         "",
         f"Per fold, a temperature fitted on the validation split (maximum likelihood against "
         f"Platt's targets) calibrates P(malignant), and the decision threshold is chosen on the "
-        f"calibrated validation probabilities ({rule}, halfway in logit space between the cases "
-        f"it separates); the rows above use the fixed 0.5 on the raw probabilities.",
+        f"calibrated validation probabilities ({rule}{RULE_NOTES.get(rule, '')}); the rows "
+        "above use the fixed 0.5 on the raw probabilities.",
         "",
     ]
     if len(result["folds"]) > 1:

@@ -60,7 +60,10 @@ def validate_config(cfg) -> None:
         "train.loss": (cfg.train.loss, ("focal", "ce")),
         "model.modalities": (cfg.model.modalities, tuple(STREAMS)),
         "eval.criterion": (cfg.eval.criterion, BEST_CRITERIA),
-        "eval.operating_point": (cfg.eval.operating_point, ("f1", "sensitivity")),
+        "eval.operating_point": (
+            cfg.eval.operating_point,
+            ("smoothed_f1", "f1", "sensitivity"),
+        ),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -581,7 +584,8 @@ def split_metrics(cfg, variables, records, warm: bool, desc: str) -> tuple[dict,
     """Classification metrics of a split, and P(1). Plus the checkpoint criteria: `f1_acc`
     (F1 + accuracy at 0.5, the original's) and `f1_best_auc` (the best F1 over thresholds +
     ROC-AUC: how the model does at the best-F1 operating point evaluation will choose on this
-    split, and how it ranks; a model whose scores cross 0.5 late is not passed over)."""
+    split, exactly with `eval.operating_point=f1`, nearly with `smoothed_f1`, and how it
+    ranks; a model whose scores cross 0.5 late is not passed over)."""
     p = predict_records(cfg, variables, records, warm=warm, desc=desc)
     labels = np.array([r.label for r in records])
     m = metrics_lib.classification_metrics(labels, p)
