@@ -6,9 +6,10 @@ probability and 0.5 is not where it separates best. `fit_temperature` rescales i
 labels, smoothed as Platt's targets so a perfectly ranked validation split does not send T to
 0; monotone, so the ranking and ROC-AUC stay the same, but for scores so far below 1e-300 or so
 close to 1 that float64 cannot tell them apart); `choose_threshold` picks the decision
-threshold on the calibrated validation probabilities, by the best F1 or the highest threshold
+threshold on the calibrated validation probabilities: by the best F1 or the highest threshold
 that keeps a target sensitivity, halfway in logit space between the validation cases it
-separates. Both are plain numpy on the host.
+separates, or by the best kernel-smoothed F1 (`smoothed_f1_threshold`). Plain numpy on the
+host.
 """
 
 from __future__ import annotations
@@ -186,21 +187,28 @@ def _silverman(z: np.ndarray) -> float:
     return 0.9 * (min(sd, iqr) if iqr > 0 else sd) * len(z) ** -0.2
 
 
-def smoothed_f1_threshold(labels: np.ndarray, prob_pos: np.ndarray, points: int = 4001):
+def smoothed_f1_threshold(labels: np.ndarray, prob_pos: np.ndarray) -> float | None:
     """The threshold of the best F1 when each validation case's logit is read as a Gaussian
     (each class's own Silverman bandwidth): expected true and false positives are sums of
     tail probabilities, so the threshold answers to every case near it and leans away from
     the side where F1 falls faster, instead of resting on the two extreme cases a best-F1
-    interval is bounded by. On a plateau of the best value (cases far apart): its middle.
-    None when neither class's scores spread (nothing to smooth with)."""
+    interval is bounded by. Where both classes' tails vanish in float64 (a gap wider than
+    about 14 bandwidths) the smoothed F1 is flat: then the middle of that plateau, about 6.7
+    bandwidths inside the gap from either side. None when neither class's scores spread
+    (nothing to smooth with)."""
     y = np.asarray(labels).astype(bool)
     z = _logit(prob_pos, _SYMMETRIC)
     h1, h0 = _silverman(z[y]), _silverman(z[~y])
     if not (h1 > 0 or h0 > 0):
         return None
     h1, h0 = h1 or h0, h0 or h1  # a class without spread borrows the other's bandwidth
-    pad = 4 * max(h1, h0)
-    grid = np.linspace(z.min() - pad, z.max() + pad, points)
+    # Quarter-bandwidth steps around every case (where the curve bends), and a coarse grid
+    # across the gaps between them (where it is flat but a plateau's ends are sought).
+    steps = np.linspace(-8, 8, 65)
+    local = np.concatenate([z[y][:, None] + h1 * steps, z[~y][:, None] + h0 * steps]).ravel()
+    pad = 8 * max(h1, h0)
+    grid = np.unique(np.concatenate([local, np.linspace(z.min() - pad, z.max() + pad, 2001)]))
+    points = len(grid)
     tp = norm.sf((grid[:, None] - z[y][None]) / h1).sum(1)
     fp = norm.sf((grid[:, None] - z[~y][None]) / h0).sum(1)
     f1 = 2 * tp / (tp + fp + y.sum())

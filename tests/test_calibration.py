@@ -186,6 +186,10 @@ def test_a_validation_split_that_cannot_calibrate_is_named():
     assert "one class only" in calib["warning"]
     y = np.array([0, 1, 0])  # ranked right
     assert fit_calibration(cfg, y, p)["warning"] is None
+    cfg.eval.operating_point = "smoothed_f1"
+    assert fit_calibration(cfg, y, p)["warning"] is None
+    y, p = np.array([0, 0, 1, 1]), np.array([0.2, 0.2, 0.9, 0.9])  # nothing to smooth with
+    assert "midpoint" in fit_calibration(cfg, y, p)["warning"]
 
 
 def _fold(k, ids, y, p, t, threshold):
@@ -293,6 +297,12 @@ def test_smoothed_threshold_maximises_the_kernel_smoothed_f1():
     )
     mid = float(calibration._logit(np.array(calibration.choose_threshold(y, _sigmoid(z)))))
     assert mid == pytest.approx(-1.0, abs=1e-9) and -4 < t < mid - 0.5
+    # classes packed within a few thousandths of a logit beside saturated outliers (a grid
+    # even across the range would step over them): the best is found between the classes
+    z = np.r_[-40, np.linspace(-0.003, -0.0003, 69), 40, np.linspace(0.0003, 0.003, 9)]
+    p = _sigmoid(z)
+    t = float(calibration._logit(np.array(calibration.choose_threshold(y, p, smoothed=True))))
+    assert -0.0003 < t < 0.0003, t
     # nothing to smooth with (each class one value): the best-F1 midpoint; a target
     # sensitivity is not smoothed
     z = np.r_[np.full(70, -3.0), np.full(10, 2.0)]
