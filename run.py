@@ -32,7 +32,7 @@ def _workdir(cfg) -> pathlib.Path:
 
 
 def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
-    from famf_jax import evaluate, train
+    from famf_jax import evaluate, predict, train
 
     if mode == "train":
         for k, r in enumerate(train.train(cfg, workdir)):
@@ -49,7 +49,7 @@ def _famf(cfg, mode: str, workdir: pathlib.Path) -> None:
         print("test: " + "  ".join(f"{k} {t[k]:.3f}" for k in evaluate.REPORT_KEYS))
         print(f"report: {workdir / 'report.md'}")
     elif mode == "predict":
-        print(f"predictions: {evaluate.predict_folder(cfg, workdir)}")
+        print(f"predictions: {predict.predict_folder(cfg, workdir)}")
     elif mode == "import_torch":
         from famf_jax import import_torch
 

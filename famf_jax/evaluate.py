@@ -1,24 +1,20 @@
-"""Evaluation, reports and batch prediction for trained FAMF-Net folds.
+"""Evaluation and reports for trained FAMF-Net folds.
 
 `evaluate` restores each fold's checkpoint (the best by `eval.criterion`, F1 + accuracy by
 default, or `eval.checkpoint`), runs the eval-mode two-pass network on the fold's validation
 and the fixed test set, and writes `metrics.json`, `report.md` and the figures to the workdir.
 Per fold it also fits a temperature and a decision threshold on the validation split
 (`common.calibration`, `eval.operating_point`), reports the test set at that operating point
-beside the fixed 0.5, and keeps them in `fold_<k>/calibration.json` for `predict_folder`, which
-writes per-patient raw and calibrated probabilities and the decision for new data (folds
-combined in logit space, `common.calibration.combine_folds`).
+beside the fixed 0.5, and keeps them in `fold_<k>/calibration.json` (`operating_point`) for
+`famf_jax.predict`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import pathlib
 
 import numpy as np
-from absl import logging
 
 from common import atomic, calibration
 from common import metrics as metrics_lib
@@ -27,17 +23,21 @@ from common.logging import read_jsonl
 from famf_jax import dataset, inference, pipeline
 from famf_jax.experiment import (
     check_workdir,
-    check_writable,
     choose_checkpoint,
     fold_dir,
     image_config,
-    predict_records,
     resolve_data,
     restore_for_eval,
     split_metrics,
-    trained_folds,
     uses_fusion,
     validate_config,
+)
+from famf_jax.operating_point import (
+    OPERATING_POINT_KEYS,
+    RULE_NOTES,
+    fit_calibration,
+    operating_point_metrics,
+    write_calibration,
 )
 
 REPORT_KEYS = metrics_lib.CLASSIFICATION_KEYS
@@ -46,106 +46,6 @@ CONVENTIONS = (
     "denominator are 0; ROC-AUC and PR-AUC (average precision) as scikit-learn; 95% CIs are "
     "percentile bootstraps over test patients; ECE uses 10 equal-width bins of P(malignant)."
 )
-
-
-OPERATING_POINT_KEYS = ("threshold", "f1", "sensitivity", "specificity", "precision")
-RULE_NOTES = {
-    "best kernel-smoothed F1": ", each validation logit read as a Gaussian of its class's "
-    "Silverman bandwidth",
-    "best F1": ", halfway in logit space between the cases it separates",
-}
-
-
-def _target_sensitivity(cfg) -> float | None:
-    return cfg.eval.target_sensitivity if cfg.eval.operating_point == "sensitivity" else None
-
-
-def threshold_rule(cfg) -> str:
-    """How `eval.operating_point` (and `eval.target_sensitivity`) choose the threshold, as
-    calibration.json records it."""
-    if cfg.eval.operating_point == "sensitivity":
-        return f"sensitivity >= {cfg.eval.target_sensitivity}"
-    return {"smoothed_f1": "best kernel-smoothed F1", "f1": "best F1"}[cfg.eval.operating_point]
-
-
-def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
-    """Temperature and decision threshold of a fold, from its validation split; `warning`
-    says why they mean little (None if they do not)."""
-    t = calibration.fit_temperature(labels, prob_pos)
-    q = calibration.apply_temperature(prob_pos, t)
-    smoothed = cfg.eval.operating_point == "smoothed_f1"
-    threshold = calibration.choose_threshold(labels, q, _target_sensitivity(cfg), smoothed)
-    weak = calibration.weak_validation(labels, prob_pos, t)
-    if not weak and smoothed and calibration.smoothed_f1_threshold(labels, q) is None:
-        weak = "neither class's validation scores spread: the threshold is the best F1's midpoint"
-    if weak:
-        logging.warning("calibration: %s", weak)
-    return {
-        "temperature": t,
-        "threshold": threshold,
-        "rule": threshold_rule(cfg),
-        "valid_cases": len(labels),
-        "warning": weak,
-    }
-
-
-def calibration_path(workdir: pathlib.Path, fold: int) -> pathlib.Path:
-    return fold_dir(workdir, fold) / "calibration.json"
-
-
-def read_calibration(
-    workdir: pathlib.Path, fold: int, step: int, rule: str | None = None
-) -> dict | None:
-    """A fold's calibration.json if it was fitted for checkpoint `step` and, if given, by
-    threshold rule `rule` (None, with a warning, if it belongs to another checkpoint or rule:
-    evaluate ran with another eval.checkpoint, criterion or operating point; None if
-    evaluation has not written one); a damaged file is an error naming it."""
-    path = calibration_path(workdir, fold)
-    if not path.exists():
-        return None
-    try:
-        calib = json.loads(path.read_text())
-        t, threshold = float(calib["temperature"]), float(calib["threshold"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"{path} is damaged ({type(e).__name__}: {e}): run --mode=evaluate again"
-        ) from None
-    if not (t > 0 and math.isfinite(t) and math.isfinite(threshold)):
-        raise ValueError(f"{path}: temperature {t} or threshold {threshold} is not usable")
-    if calib.get("step") != step:
-        logging.warning(
-            "fold %d's calibration was fitted for checkpoint %s, this run restores %s (run "
-            "--mode=evaluate with the same eval.checkpoint and eval.criterion)",
-            fold,
-            calib.get("step", "unknown (a calibration.json from before steps were recorded)"),
-            step,
-        )
-        return None
-    if rule is not None and calib.get("rule") != rule:
-        logging.warning(
-            "fold %d's threshold was chosen by %s, this run asks for %s (run --mode=evaluate "
-            "with the same eval.operating_point and eval.target_sensitivity)",
-            fold,
-            calib.get("rule", "an unrecorded rule"),
-            rule,
-        )
-        return None
-    return calib
-
-
-def write_calibration(workdir: pathlib.Path, fold: int, calib: dict) -> None:
-    path = calibration_path(workdir, fold)
-    atomic.write_json(path, calib)
-
-
-def operating_point_metrics(labels: np.ndarray, q: np.ndarray, calib: dict) -> dict:
-    """Test metrics of calibrated probabilities `q` at the validation-chosen threshold."""
-    m = metrics_lib.classification_metrics(labels, q, threshold=calib["threshold"])
-    op = {"threshold": calib["threshold"], **{k: m[k] for k in OPERATING_POINT_KEYS[1:]}}
-    return {
-        "operating_point": op,
-        "ece_calibrated": metrics_lib.expected_calibration_error(labels, q),
-    }
 
 
 def summarise_test(folds: list[dict], calibrated: list[np.ndarray]) -> dict:
@@ -433,111 +333,3 @@ def write_report(cfg, workdir: pathlib.Path, result: dict, curves, first) -> pat
     lines += ["", "## Conventions", "", CONVENTIONS, ""]
     path = atomic.write_text(workdir / "report.md", "\n".join(lines))
     return path
-
-
-def _output_path(cfg, workdir: pathlib.Path) -> pathlib.Path:
-    """`predict.output` (default <workdir>/predictions.csv), checked before any work."""
-    out = pathlib.Path(cfg.predict.output or workdir / "predictions.csv")
-    if out.is_dir():
-        raise IsADirectoryError(f"predict.output {out} is a folder, expected a CSV file name")
-    check_writable(out.parent, f"predict.output {out}")
-    return out
-
-
-def read_predict_input(src: str | None) -> tuple[list[dataset.Record], list[str]]:
-    """The patients of `predict.input` (a layout root or a CSV manifest, labels optional)
-    whose images decode, and the warnings; none usable is an error naming the left-out ones."""
-    if not src:
-        raise dataset.DataError("--mode=predict needs --config.predict.input (folder or CSV)")
-    path = pathlib.Path(src)
-    if not path.exists():
-        raise FileNotFoundError(f"predict.input {src} does not exist (expected a folder or CSV)")
-    problems: list[str] = []
-    excluded: dict[str, str] = {}
-    if path.is_file():
-        records, _ = dataset.read_manifest(
-            path, problems, require_label=False, excluded=excluded, field="predict.input"
-        )
-    else:
-        records = dataset.scan_layout(
-            path, problems, require_label=False, excluded=excluded, field="predict.input"
-        )
-    recs = dataset.check_images(list(records.values()), problems, excluded)
-    for p in problems:
-        logging.warning("predict: %s", p)
-    if not recs:
-        lost = list(excluded.items())
-        raise dataset.DataError(
-            f"predict.input {src}: no usable patient; {len(lost)} left out: "
-            + dataset.left_out_text(lost)
-        )
-    return recs, problems
-
-
-def predict_folder(cfg, workdir: str | pathlib.Path) -> pathlib.Path:
-    """Per-patient P(malignant) for `predict.input` (a layout root or a manifest), per fold
-    and averaged, as CSV."""
-    validate_config(cfg)
-    if not cfg.predict.input:
-        raise dataset.DataError("--mode=predict needs --config.predict.input (folder or CSV)")
-    workdir = check_workdir(workdir, must_exist=True)
-    out = _output_path(cfg, workdir)
-    folds = trained_folds(workdir)
-    if not folds:
-        raise FileNotFoundError(
-            f"no trained folds in {workdir} (no fold_<k>/checkpoints): train first "
-            "(--mode=train) or import weights (--mode=import_torch)"
-        )
-    chosen = {k: choose_checkpoint(cfg, workdir, k) for k in folds}
-    rule = threshold_rule(cfg)
-    calibs = {k: read_calibration(workdir, k, chosen[k][0], rule) for k in folds}
-    recs, _ = read_predict_input(cfg.predict.input)
-    fused = uses_fusion(cfg)
-    per_fold, calibrated, thresholds = [], [], []
-    for k in folds:
-        variables, meta = restore_for_eval(cfg, workdir, k, chosen[k])
-        p = predict_records(
-            cfg, variables, recs, warm=fused and meta.get("warm", True), desc=f"predict fold {k}"
-        )
-        per_fold.append(p)
-        calib = calibs[k]
-        if calib is not None:
-            calibrated.append(calibration.apply_temperature(p, calib["temperature"]))
-            thresholds.append(calib["threshold"])
-    if len(calibrated) < len(folds):
-        logging.warning(
-            "predict: no usable calibration for some folds (run --mode=evaluate first): the "
-            "calibrated probability and the decision are left empty"
-        )
-        calibrated = []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    mean = np.mean(per_fold, axis=0)
-    cal, threshold = (
-        calibration.combine_folds(calibrated, thresholds) if calibrated else (None, None)
-    )
-    with atomic.open_text(out, newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            [
-                "patient_id",
-                "prob_malignant",
-                "prob_calibrated",
-                "malignant",
-                *[f"fold_{k}" for k in folds],
-                "label",
-            ]
-        )
-        for i, r in enumerate(recs):
-            w.writerow(
-                [
-                    r.patient_id,
-                    f"{mean[i]:.6f}",
-                    # in full (shortest round trip): a score 5e-9 above a threshold of 1e-9
-                    # must not read 0.000000 beside its decision 1
-                    "" if cal is None else repr(float(cal[i])),
-                    "" if cal is None else int(cal[i] >= threshold),
-                    *[f"{p[i]:.6f}" for p in per_fold],
-                    "" if r.label < 0 else r.label,
-                ]
-            )
-    return out

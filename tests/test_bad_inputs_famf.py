@@ -511,7 +511,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(runs, name):
 
 def _in_process(case: Case):
     """Runs the case's mode function as run.py would, returning the exception it raised."""
-    from famf_jax import evaluate, import_torch, train
+    from famf_jax import evaluate, import_torch, predict, train
 
     cfg = famf_config.get_config("smoke")
     mode = "train"
@@ -527,7 +527,7 @@ def _in_process(case: Case):
     fn = {
         "train": train.train,
         "evaluate": evaluate.evaluate,
-        "predict": evaluate.predict_folder,
+        "predict": predict.predict_folder,
         "import_torch": import_torch.import_checkpoint,
     }[mode]
     with pytest.raises((ValueError, OSError)) as err:  # run.py prints these verbatim

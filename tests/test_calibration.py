@@ -142,7 +142,7 @@ def test_best_f1_is_the_f1_at_the_chosen_threshold():
 def test_a_calibration_applies_only_to_its_own_checkpoint(tmp_path, caplog):
     """evaluate with another eval.checkpoint (or criterion) then predict: the calibration
     fitted for one checkpoint must not be read for another's probabilities."""
-    from famf_jax.evaluate import read_calibration, write_calibration
+    from famf_jax.operating_point import read_calibration, write_calibration
 
     calib = {"temperature": 0.8, "threshold": 0.3, "rule": "best F1", "valid_cases": 8}
     assert read_calibration(tmp_path, 0, 240) is None  # none written
@@ -158,7 +158,7 @@ def test_a_calibration_applies_only_to_its_own_checkpoint(tmp_path, caplog):
 def test_a_calibration_applies_only_to_its_own_threshold_rule(tmp_path, caplog):
     """evaluate with the best-F1 rule, then predict asking for a target sensitivity: the
     best-F1 threshold must not be used as if it were the one asked for."""
-    from famf_jax.evaluate import read_calibration, write_calibration
+    from famf_jax.operating_point import read_calibration, write_calibration
 
     (tmp_path / "fold_0").mkdir()
     calib = {"temperature": 0.8, "threshold": 0.3, "rule": "best F1", "step": 240}
@@ -173,7 +173,7 @@ def test_a_validation_split_that_cannot_calibrate_is_named():
     undefined (NaN), which a `<= 0.6` test would have let pass silently."""
     from ml_collections import ConfigDict
 
-    from famf_jax.evaluate import fit_calibration
+    from famf_jax.operating_point import fit_calibration
 
     p = np.array([0.1, 0.7, 0.4])
     for y, what in (([0, 0, 0], "one class only"), ([1, 1, 1], "one class only"), ([], "no case")):
@@ -195,7 +195,7 @@ def test_a_validation_split_that_cannot_calibrate_is_named():
 def _fold(k, ids, y, p, t, threshold):
     """A fold as evaluate records it, from test labels, raw P(1), temperature, threshold."""
     from common import metrics
-    from famf_jax.evaluate import operating_point_metrics
+    from famf_jax.operating_point import operating_point_metrics
 
     q = calibration.apply_temperature(p, t)
     test = metrics.classification_metrics(y, p)
