@@ -47,7 +47,8 @@ def f1_at(y: np.ndarray, z: np.ndarray, t: float) -> float:
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
-def midpoint(y, z, rng=None, smoothed=False):
+def project_rule(y, z, rng=None, smoothed=False):
+    """`choose_threshold`'s threshold, as a logit."""
     t = calibration.choose_threshold(y, expit(z), smoothed=smoothed)
     return float(calibration._logit(np.array(t)))
 
@@ -56,18 +57,11 @@ def _grid(z):
     return np.linspace(z.min() - 1, z.max() + 1, 801)
 
 
-def _smoothed_f1(y, z, grid, sd1, sd0):
-    tp = norm.sf((grid[:, None] - z[y][None]) / sd1).sum(1)
-    fp = norm.sf((grid[:, None] - z[~y][None]) / sd0).sum(1)
-    return 2 * tp / (2 * tp + fp + (y.sum() - tp))
-
-
 def kde_in_interval(y, z, rng=None):
     grid = _grid(z)
     f = np.array([f1_at(y, z, t) for t in grid])
     grid = grid[f == f.max()]
-    silverman = calibration._silverman
-    f = _smoothed_f1(y, z, grid, silverman(z[y]), silverman(z[~y]))
+    f = calibration.smoothed_f1(y, z, grid, *calibration._bandwidths(y, z))
     return float(grid[np.argmax(f)])
 
 
@@ -87,7 +81,7 @@ def bagged(y, z, rng):
     ts = []
     for _ in range(50):
         i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        ts.append(midpoint(y[i], z[i]))
+        ts.append(project_rule(y[i], z[i]))
     return float(np.median(ts))
 
 
@@ -98,9 +92,9 @@ def draw(y, among, n_pos, n_neg, rng):
 
 
 RULES = {
-    "midpoint": midpoint,
+    "midpoint": project_rule,
     "kde-in-interval": kde_in_interval,
-    "kde": lambda y, z, rng: midpoint(y, z, smoothed=True),
+    "kde": lambda y, z, rng: project_rule(y, z, smoothed=True),
     "binormal": binormal,
     "bagged": bagged,
 }

@@ -65,6 +65,12 @@ def mean_threshold(thresholds: list[float]) -> float:
     return float(expit(np.mean([_logit(t, _SYMMETRIC) for t in thresholds])))
 
 
+def _both_classes(labels: np.ndarray) -> bool:
+    """Whether the labels hold both classes (else nothing can be fitted on them)."""
+    y = np.asarray(labels)
+    return len(y) > 0 and y.min() != y.max()
+
+
 def _nll(targets: np.ndarray, z: np.ndarray, log_t: float) -> float:
     s = z / math.exp(log_t)
     # -[t log sigmoid(s) + (1 - t) log sigmoid(-s)], stably
@@ -77,13 +83,16 @@ def at_search_bound(temperature: float) -> bool:
     return min(abs(math.log(temperature) - b) for b in LOG_T_RANGE) < 1e-3
 
 
-def weak_validation(labels: np.ndarray, prob_pos: np.ndarray, temperature: float) -> str | None:
+def weak_validation(
+    labels: np.ndarray, prob_pos: np.ndarray, temperature: float, smoothed: bool = False
+) -> str | None:
     """Why the calibration fitted on these validation scores means little, or None: one class
     only (nothing is fitted: T 1 and threshold 0.5 are defaults), a ROC-AUC of at most 0.6
     (scores that hardly tell the classes apart; their fitted T lands anywhere from a few to
-    the e^4 bound, by chance) or a T at a search bound."""
+    the e^4 bound, by chance), a T at a search bound or, for a `smoothed` threshold, scores
+    that do not spread in either class (the threshold is then the best F1's midpoint)."""
     y = np.asarray(labels)
-    if len(y) == 0 or y.min() == y.max():
+    if not _both_classes(y):
         return (
             f"the validation split holds {'no case' if len(y) == 0 else 'one class only'} "
             f"({len(y)} cases, {int(y.sum())} malignant): the temperature (1) and threshold "
@@ -96,6 +105,8 @@ def weak_validation(labels: np.ndarray, prob_pos: np.ndarray, temperature: float
             f"temperature {temperature:.3g}): the calibrated probabilities and the threshold "
             "mean little"
         )
+    if smoothed and not any(_bandwidths(y.astype(bool), _logit(prob_pos, _SYMMETRIC))):
+        return "neither class's validation scores spread: the threshold is the best F1's midpoint"
     return None
 
 
@@ -113,7 +124,7 @@ def fit_temperature(labels: np.ndarray, prob_pos: np.ndarray, iters: int = 100) 
     (golden-section search on log T; unimodal in log T for a fixed logit sign pattern). 1.0
     when the labels hold one class only (nothing to fit)."""
     y = np.asarray(labels, np.float64)
-    if len(y) == 0 or y.min() == y.max():
+    if not _both_classes(y):
         return 1.0
     y = platt_targets(y)
     z = _logit(prob_pos, (PROB_CLIP, 1 - PROB_CLIP))
@@ -150,7 +161,7 @@ def choose_threshold(
     one class only."""
     y = np.asarray(labels).astype(bool)
     p = np.asarray(prob_pos, np.float64)
-    if len(y) == 0 or y.all() or not y.any():
+    if not _both_classes(y):
         return 0.5
     if smoothed and target_sensitivity is None:
         t = smoothed_f1_threshold(y, p)
@@ -187,6 +198,19 @@ def _silverman(z: np.ndarray) -> float:
     return 0.9 * (min(sd, iqr) if iqr > 0 else sd) * len(z) ** -0.2
 
 
+def _bandwidths(y: np.ndarray, z: np.ndarray) -> tuple[float, float]:
+    """(positives', negatives') Silverman bandwidths of the logits z."""
+    return _silverman(z[y]), _silverman(z[~y])
+
+
+def smoothed_f1(y: np.ndarray, z: np.ndarray, at: np.ndarray, h1: float, h0: float) -> np.ndarray:
+    """Expected F1 at logit thresholds `at` when each logit in z is a Gaussian of bandwidth h1
+    (positives, y True) or h0: 2 TP / (TP + FP + P) with TP and FP sums of tail probabilities."""
+    tp = norm.sf((at[:, None] - z[y][None]) / h1).sum(1)
+    fp = norm.sf((at[:, None] - z[~y][None]) / h0).sum(1)
+    return 2 * tp / (tp + fp + y.sum())
+
+
 def smoothed_f1_threshold(labels: np.ndarray, prob_pos: np.ndarray) -> float | None:
     """The threshold of the best F1 when each validation case's logit is read as a Gaussian
     (each class's own Silverman bandwidth): expected true and false positives are sums of
@@ -198,7 +222,7 @@ def smoothed_f1_threshold(labels: np.ndarray, prob_pos: np.ndarray) -> float | N
     (nothing to smooth with)."""
     y = np.asarray(labels).astype(bool)
     z = _logit(prob_pos, _SYMMETRIC)
-    h1, h0 = _silverman(z[y]), _silverman(z[~y])
+    h1, h0 = _bandwidths(y, z)
     if not (h1 > 0 or h0 > 0):
         return None
     h1, h0 = h1 or h0, h0 or h1  # a class without spread borrows the other's bandwidth
@@ -209,9 +233,7 @@ def smoothed_f1_threshold(labels: np.ndarray, prob_pos: np.ndarray) -> float | N
     pad = 8 * max(h1, h0)
     grid = np.unique(np.concatenate([local, np.linspace(z.min() - pad, z.max() + pad, 2001)]))
     points = len(grid)
-    tp = norm.sf((grid[:, None] - z[y][None]) / h1).sum(1)
-    fp = norm.sf((grid[:, None] - z[~y][None]) / h0).sum(1)
-    f1 = 2 * tp / (tp + fp + y.sum())
+    f1 = smoothed_f1(y, z, grid, h1, h0)
     near = f1 >= f1.max() * (1 - 1e-12)
     lo = hi = int(np.argmax(f1))
     while lo > 0 and near[lo - 1]:

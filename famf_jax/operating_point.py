@@ -44,9 +44,7 @@ def fit_calibration(cfg, labels: np.ndarray, prob_pos: np.ndarray) -> dict:
     q = calibration.apply_temperature(prob_pos, t)
     smoothed = cfg.eval.operating_point == "smoothed_f1"
     threshold = calibration.choose_threshold(labels, q, _target_sensitivity(cfg), smoothed)
-    weak = calibration.weak_validation(labels, prob_pos, t)
-    if not weak and smoothed and calibration.smoothed_f1_threshold(labels, q) is None:
-        weak = "neither class's validation scores spread: the threshold is the best F1's midpoint"
+    weak = calibration.weak_validation(labels, prob_pos, t, smoothed)
     if weak:
         logging.warning("calibration: %s", weak)
     return {
