@@ -112,6 +112,36 @@ def main() -> None:
         f"F1 at 0.5 {metrics.classification_metrics(y, raw)['f1']:.3f}  "
         f"best F1 of any threshold {metrics.best_f1(y, cal):.3f}"
     )
+    decision = np.array([int(r["malignant"]) for r in rows])
+    cues_file = data / synthetic.CUES_FILE
+    if cues_file.exists():  # drawn by this version of the generator
+        print_cue_errors(rows, decision, cues_file)
+
+
+def print_cue_errors(rows: list[dict], decision: np.ndarray, cues_file: pathlib.Path) -> None:
+    """Errors at the operating point by how many cues look malignant and, with one cue
+    against the others, by which: a reader weighing the four cues alike is wrong only where
+    two or more of them lie."""
+    with open(cues_file, newline="") as f:
+        shown = {r["patient_id"]: [int(r[c]) for c in synthetic.CUES] for r in csv.DictReader(f)}
+    cues = np.array([shown[r["patient_id"]] for r in rows])
+    y = np.array([int(r["label"]) for r in rows])
+    wrong = decision != y
+    k = cues.sum(1)
+    print("errors at the operating point, by the number of malignant-looking cues of 4:")
+    for n in range(5):
+        sel = k == n
+        n_mal, n_wrong = y[sel].sum(), wrong[sel].sum()
+        print(f"  {n}: {sel.sum():4d} patients ({n_mal:3d} malignant), {n_wrong:3d} wrong")
+    print("  with one cue against the other three, by that cue:")
+    for j, name in enumerate(synthetic.CUES):
+        for n, odd in ((1, 1), (3, 0)):
+            sel = (k == n) & (cues[:, j] == odd)
+            if sel.any():
+                side = "malignant-looking" if odd else "benign-looking"
+                print(
+                    f"    {name:9s} {side:17s} {sel.sum():3d} patients, {wrong[sel].sum():3d} wrong"
+                )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     t.lr_decay_epochs = 5  # StepLR step size in epochs
     t.loss = "focal"  # focal | ce
     t.double_softmax = False  # focal-loss variant (a) of spec 3.1
+    # + weight x each stream's own loss (its half of conv10 alone, same loss, alpha and gamma):
+    # keeps the stream with the easiest cue (SWE stiffness) from leaving the other one
+    # untrained; 0 = the original's objective. No parameters added.
+    t.stream_loss = 0.0
     t.eval_every = 2  # epochs between validations (and checkpoints)
     t.log_every = 10  # steps between metric lines
     t.max_skipped_in_row = 10  # non-finite steps (left out) in a row before stopping; 0: never
@@ -121,6 +125,7 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
         t.lr_decay_rate = 0.7
         t.lr_decay_epochs = 4
         t.eval_every = 2
+        t.stream_loss = 0.5
         r.learning_rate = 1e-3
         r.epsilon_decay_steps = 200
         r.target_every = 50

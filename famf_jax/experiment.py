@@ -96,6 +96,7 @@ def validate_config(cfg) -> None:
         ("train.learning_rate", t.learning_rate, 0, None, {"low_open": True}),
         ("train.momentum", t.momentum, 0, 1, {"high_open": True}),
         ("train.weight_decay", t.weight_decay, 0, None, {}),
+        ("train.stream_loss", t.stream_loss, 0, None, {}),
         ("train.lr_decay_rate", t.lr_decay_rate, 0, 1, {"low_open": True}),
         ("train.lr_decay_epochs", t.lr_decay_epochs, 1, None, {}),
         ("train.warmup_epochs", t.warmup_epochs, 0, None, {}),

@@ -105,8 +105,9 @@ class FAMFNet(nn.Module):
         """One forward pass; `warm` (static) turns RAA + MAF on, with CAMs (B, H/8, W/8).
 
         `f2` ({modality: (B, H/2, W/2, 128)}) reuses the stem + fire2 outputs of an earlier pass
-        on the same batch. Returns logits, probs (B, 2); f2_<m>, f9_<m> per stream; with warm,
-        also fused_<m> and the RAA outputs (centres, masks, shifts).
+        on the same batch. Returns logits, probs (B, 2); f2_<m>, f9_<m> per stream, and with
+        two streams stream_logits_<m> (B, 2); with warm, also fused_<m> and the RAA outputs
+        (centres, masks, shifts).
         """
         inputs = {"bmode": bmode, "swe": swe}
         if f2 is None:
@@ -132,6 +133,14 @@ class FAMFNet(nn.Module):
         logits = self.conv10(pooled)[:, 0, 0, :]
         out["logits"] = logits
         out["probs"] = jax.nn.softmax(logits, axis=-1)
+        if len(self.modalities) == 2:
+            # What each stream says alone (train.stream_loss): its half of conv10, the other
+            # stream's features zeroed, the bias in both. Unused outputs cost nothing under jit.
+            first, second = self.modalities
+            k = f9[first].shape[-1]
+            alone = {first: pooled.at[..., k:].set(0), second: pooled.at[..., :k].set(0)}
+            for m, x in alone.items():
+                out[f"stream_logits_{m}"] = self.conv10(x)[:, 0, 0, :]
         return out
 
 

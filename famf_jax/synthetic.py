@@ -8,8 +8,9 @@ cue is flipped to the other class's distribution with probability `cue_noise`, s
 learnable but not trivial. Class balance follows the original cohort (45 of 357 malignant).
 
 Also written: `manifest.csv` (patient_id,bmode,swe,label,split), split lists
-`splits/{train,valid,test}/<patient>`, stratified 60/20/20, and `generator.json` (the seed,
-patient count, image size and cue noise that drew them).
+`splits/{train,valid,test}/<patient>`, stratified 60/20/20, `generator.json` (the seed,
+patient count, image size and cue noise that drew them) and `cues.csv` (per patient, which
+cues look malignant, 1, or benign, 0: the reading a model's errors are explained by).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from famf_jax.dataset import stratified_folds
 MALIGNANT_FRACTION = 45 / 357
 CUE_NOISE = 0.12  # the demo's: a perfect reader of the cues reaches ROC-AUC 0.995, F1 0.94
 GENERATOR_FILE = "generator.json"
+CUES_FILE = "cues.csv"
+CUES = ("irregular", "tall", "stiff", "shadow")  # stiff is in the SWE, the rest in the B-mode
 
 
 def jet(x: np.ndarray) -> np.ndarray:
@@ -57,6 +60,12 @@ def _lesion_mask(size, cy, cx, radius, aspect, irregularity, rng) -> np.ndarray:
 
 def make_patient(rng: np.random.Generator, malignant: bool, size: int, cue_noise: float):
     """(bmode uint8 (S, S, 3), swe uint8 (S, S, 3)) for one patient."""
+    return draw_patient(rng, malignant, size, cue_noise)[:2]
+
+
+def draw_patient(rng: np.random.Generator, malignant: bool, size: int, cue_noise: float):
+    """(bmode, swe, cues): the images and which cues (`CUES`, True = malignant-looking) the
+    patient shows."""
 
     def cue(m):  # each cue independently drawn from the other class now and then
         return m if rng.random() >= cue_noise else not m
@@ -99,7 +108,8 @@ def make_patient(rng: np.random.Generator, malignant: bool, size: int, cue_noise
     box[by - half : by + half, bx - half : bx + half] = 1
     grey = np.repeat(bmode[..., None], 3, -1) * 0.8
     swe = grey * (1 - box) + colour * box
-    return bmode_u8, (np.clip(swe, 0, 1) * 255).astype(np.uint8)
+    cues = dict(zip(CUES, (irregular, tall, stiff, shadow)))
+    return bmode_u8, (np.clip(swe, 0, 1) * 255).astype(np.uint8), cues
 
 
 def make_batch(
@@ -130,8 +140,10 @@ def generate(
     labels[rng.choice(n_patients, n_mal, replace=False)] = 1
     ids = [f"P{i:04d}" for i in range(n_patients)]
     it = range(n_patients) if progress is None else progress(range(n_patients))
+    shown = []
     for i in it:
-        bmode, swe = make_patient(rng, bool(labels[i]), image_size, cue_noise)
+        bmode, swe, cues = draw_patient(rng, bool(labels[i]), image_size, cue_noise)
+        shown.append(cues)
         d = data / ids[i]
         d.mkdir(exist_ok=True)
         Image.fromarray(bmode).save(d / "gray.jpg", quality=92)
@@ -151,6 +163,11 @@ def generate(
         w.writerow(["patient_id", "bmode", "swe", "label", "split"])
         for i in ids:
             w.writerow([i, f"data/{i}/gray.jpg", f"data/{i}/elastic.jpg", label_of[i], split_of[i]])
+    with (out / CUES_FILE).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", *CUES])
+        for i, cues in zip(ids, shown):
+            w.writerow([i, *(int(cues[c]) for c in CUES)])
     drawn = dict(seed=seed, patients=n_patients, image_size=image_size, cue_noise=cue_noise)
     drawn["malignant_fraction"] = malignant_fraction
     (out / GENERATOR_FILE).write_text(json.dumps(drawn))

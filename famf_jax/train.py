@@ -10,7 +10,9 @@ later). In both modes: the look-ahead batch is replaced by a one-step-late trans
 the next state is the next step's own batch), MAF's parameters do not move before the warm-up
 ends (the original's SGD skips parameters without a gradient), and validation follows
 `train.eval_every` counted from the first epoch: after epochs 2, 4, ... (the original's
-`epoch % 2 == 0` validates after 1, 3, ...: the same number, one epoch later).
+`epoch % 2 == 0` validates after 1, 3, ...: the same number, one epoch later). With
+`train.stream_loss` > 0 (the demo's recipe, not the original's) each stream's own logits add
+their loss too, so that a stream whose cue another stream already explains still learns.
 
 This file holds the step, its flags per step and the train metrics; the loop (resume, logging,
 validation cadence, best checkpoints) is `common.training.train_loop`, and the state, data and
@@ -52,7 +54,8 @@ from famf_jax.losses import cross_entropy, focal_loss
 
 
 def loss_and_selection(cfg, model, state: TrainState, batch: dict, active, warm: bool):
-    """The step's loss as a function of the parameters, with its aux outputs."""
+    """The step's loss as a function of the parameters, with its aux outputs: the focal loss
+    (or cross-entropy) of the logits, plus `train.stream_loss` x each stream's own."""
 
     def loss_fn(params):
         variables = dict(state.variables, params=params)
@@ -74,10 +77,16 @@ def loss_and_selection(cfg, model, state: TrainState, batch: dict, active, warm:
             aux.update(selection=sel, rdo_state=s)
         else:
             alpha0, gamma = cfg.rdo.alpha0, cfg.rdo.gamma
-        if cfg.train.loss == "ce":
-            loss = cross_entropy(out["logits"], labels)
-        else:
-            loss = focal_loss(out["logits"], labels, alpha0, gamma, cfg.train.double_softmax)
+
+        def objective(logits):
+            if cfg.train.loss == "ce":
+                return cross_entropy(logits, labels)
+            return focal_loss(logits, labels, alpha0, gamma, cfg.train.double_softmax)
+
+        loss = objective(out["logits"])
+        if cfg.train.stream_loss and "stream_logits_swe" in out:
+            alone = [objective(out[f"stream_logits_{m}"]) for m in ("bmode", "swe")]
+            loss = loss + cfg.train.stream_loss * sum(alone)
         return loss, aux
 
     return loss_fn

@@ -13,6 +13,7 @@ from common import optim
 from configs import famf as famf_config
 from conftest import with_overrides
 from famf_jax import experiment, synthetic, train
+from famf_jax.inference import two_pass
 
 SPE = 2  # steps per epoch: the paper's StepLR and RDO's epoch counters turn over
 STEPS = 6
@@ -137,3 +138,30 @@ def test_focal_loss_is_taken_at_rdos_selection():
     assert chosen != (cfg.rdo.alpha0, cfg.rdo.gamma), "the first action moved nothing"
     np.testing.assert_allclose(float(loss), focal(*chosen), rtol=1e-5)
     assert abs(focal(cfg.rdo.alpha0, cfg.rdo.gamma) - float(loss)) > 1e-3 * float(loss)
+
+
+def test_stream_loss_adds_each_streams_own_loss_at_the_selection():
+    # train.stream_loss = w: the fused focal loss + w x each stream's own, all at the alpha0 and
+    # gamma RDO selects, recomputed by hand from the main pass's logits and stream logits.
+    cfg = config({"train.stream_loss": 0.5})
+    state, _ = experiment.create_state(cfg, SPE)
+    b = batch(cfg, 0)
+    model = train.build_model(cfg)
+    loss_fn = train.loss_and_selection(cfg, model, state, b, jnp.asarray(True), warm=True)
+    loss, aux = jax.jit(loss_fn)(state.params)
+    run = jax.jit(lambda v, x, s: two_pass(model, v, x, s, warm=True, train=True)[0])
+    out = jax.device_get(run(state.variables, b["bmode"], b["swe"]))
+    y = np.asarray(b["label"])
+    chosen = (float(aux["selection"].alpha0), float(aux["selection"].gamma))
+
+    def focal(logits, alpha0, gamma):
+        z = np.asarray(logits, np.float64)
+        logp = z - np.logaddexp(z[:, :1], z[:, 1:])
+        p = np.exp(logp[np.arange(len(y)), y])
+        alpha = np.where(y == 0, alpha0, 1 - alpha0)
+        return np.mean(-alpha * (1 - p) ** gamma * np.log(p))
+
+    alone = [focal(out[f"stream_logits_{m}"], *chosen) for m in ("bmode", "swe")]
+    assert min(alone) > 1e-3 * focal(out["logits"], *chosen)  # both terms matter here
+    want = focal(out["logits"], *chosen) + 0.5 * sum(alone)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)

@@ -75,6 +75,23 @@ def test_maf_shapes_and_warm_off_identity(variables, images):
     assert not np.allclose(np.asarray(on["probs"]), np.asarray(on2["probs"]))
 
 
+def test_stream_logits_are_each_streams_half_of_conv10(variables, images):
+    # By hand: stream m's logits = mean_hw(f9_m) @ its rows of conv10's kernel + the bias
+    # (B-mode rows first), and the two add up to the logits with the bias once.
+    out = jax.device_get(FAMFNet().apply(variables, *images, warm=False))
+    kernel = np.asarray(variables["params"]["conv10"]["kernel"], np.float64)[0, 0]
+    bias = np.asarray(variables["params"]["conv10"]["bias"], np.float64)
+    rows = {"bmode": kernel[:512], "swe": kernel[512:]}
+    for m in ("bmode", "swe"):
+        want = np.asarray(out[f"f9_{m}"], np.float64).mean(axis=(1, 2)) @ rows[m] + bias
+        np.testing.assert_allclose(out[f"stream_logits_{m}"], want, rtol=1e-5, atol=1e-6)
+    total = out["stream_logits_bmode"] + out["stream_logits_swe"] - bias
+    np.testing.assert_allclose(total, out["logits"], rtol=1e-5, atol=1e-6)
+    alone = FAMFNet(modalities=("swe",))  # one stream: nothing to add (shapes only, no compile)
+    one = jax.eval_shape(lambda k: init_variables(alone, k, SIZE), jax.random.key(0))
+    assert not [k for k in jax.eval_shape(alone.apply, one, *images) if "stream" in k]
+
+
 def test_predict_outputs(variables, images):
     for faithful in (False, True):
         out = inference.predict(variables, *images, faithful=faithful)

@@ -1,3 +1,4 @@
+import csv
 import itertools
 
 import numpy as np
@@ -126,3 +127,23 @@ def test_generated_set_records_how_it_was_drawn(tmp_path):
     )
     assert synthetic.generator_settings(tmp_path / "a/data") is None
     assert draw("b", 10) == first and draw("c", 12) != first
+
+
+def test_generated_cues_are_the_labels_but_for_the_flipped_ones(tmp_path):
+    # cues.csv: one row per manifest patient; without noise every cue is its label, with
+    # noise 0.5 about half of them are the other class's (the images follow the same draws).
+    def cues_and_labels(folder, noise):
+        synthetic.generate(tmp_path / folder, n_patients=40, image_size=16, seed=4, cue_noise=noise)
+        rows = list(csv.DictReader(open(tmp_path / folder / synthetic.CUES_FILE)))
+        labels = {
+            r["patient_id"]: int(r["label"])
+            for r in csv.DictReader(open(tmp_path / folder / "manifest.csv"))
+        }
+        assert [r["patient_id"] for r in rows] == list(labels)
+        cues = np.array([[int(r[c]) for c in synthetic.CUES] for r in rows])
+        return cues, np.array(list(labels.values()))
+
+    cues, y = cues_and_labels("clean", 0.0)
+    assert (cues == y[:, None]).all() and 0 < y.sum() < len(y)
+    cues, y = cues_and_labels("noisy", 0.5)
+    assert 0.3 < np.mean(cues != y[:, None]) < 0.7
