@@ -7,7 +7,9 @@ the run's image size and class balance), runs `--mode=predict` on them through r
 workdir's chosen checkpoint and its validation-fitted calibration, and prints ROC-AUC, F1 at
 the validation-chosen operating point (predict's decision), F1 at 0.5, and the best F1 any
 threshold reaches on these patients (what a perfect choice of threshold would give this
-ranking). ROC-AUC and the best F1 are those of the calibrated probability the decision reads
+ranking), then the errors at the operating point by the generator's cues (`cues.csv`): how
+many of the four look malignant, and with one against the other three, which. ROC-AUC and
+the best F1 are those of the calibrated probability the decision reads
 (over several folds it ranks as their logit mean, not as the mean raw probability).
 
     python run.py --config configs/famf.py:demo --workdir runs/demo --mode train   # then
@@ -114,8 +116,10 @@ def main() -> None:
     )
     decision = np.array([int(r["malignant"]) for r in rows])
     cues_file = data / synthetic.CUES_FILE
-    if cues_file.exists():  # drawn by this version of the generator
+    if cues_file.exists():
         print_cue_errors(rows, decision, cues_file)
+    else:
+        print(f"no {cues_file} (drawn before the generator recorded cues): no errors by cue")
 
 
 def print_cue_errors(rows: list[dict], decision: np.ndarray, cues_file: pathlib.Path) -> None:

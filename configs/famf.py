@@ -55,9 +55,11 @@ def get_config(variant: str = "paper") -> config_dict.ConfigDict:
     t.lr_decay_epochs = 5  # StepLR step size in epochs
     t.loss = "focal"  # focal | ce
     t.double_softmax = False  # focal-loss variant (a) of spec 3.1
-    # + weight x each stream's own loss (its half of conv10 alone, same loss, alpha and gamma):
-    # keeps the stream with the easiest cue (SWE stiffness) from leaving the other one
-    # untrained; 0 = the original's objective. No parameters added.
+    # + weight x each stream's own loss (its trunk's pooled features through its half of
+    # conv10, the same loss, alpha and gamma; after the warm-up the trunks read MAF's fusion):
+    # keeps the stream with the easiest cue (SWE stiffness) from leaving the other untrained.
+    # 0 = the original's objective; no parameters added; no effect with one stream. With SGD
+    # the larger loss is also a larger step against the same coupled L2.
     t.stream_loss = 0.0
     t.eval_every = 2  # epochs between validations (and checkpoints)
     t.log_every = 10  # steps between metric lines

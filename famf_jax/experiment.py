@@ -39,10 +39,12 @@ STREAMS = {"both": ("bmode", "swe"), "bmode": ("bmode",), "swe": ("swe",)}
 
 
 def _range_problem(name: str, value, low, high, *, low_open=False, high_open=False) -> str | None:
-    """The message for `value` outside [low, high] (open ends as given), or None. NaN fails."""
+    """The message for `value` outside [low, high] (open ends as given), or None. NaN and
+    infinity fail (an unbounded weight of inf would skip every step as non-finite)."""
     try:
         ok = low is None or (value > low if low_open else value >= low)
         ok = ok and (high is None or (value < high if high_open else value <= high))
+        ok = ok and math.isfinite(value)
     except TypeError:
         ok = False
     if ok:

@@ -134,8 +134,9 @@ class FAMFNet(nn.Module):
         out["logits"] = logits
         out["probs"] = jax.nn.softmax(logits, axis=-1)
         if len(self.modalities) == 2:
-            # What each stream says alone (train.stream_loss): its half of conv10, the other
-            # stream's features zeroed, the bias in both. Unused outputs cost nothing under jit.
+            # What each trunk says alone (train.stream_loss): its half of conv10, the other
+            # trunk's features zeroed, the bias in both (after the warm-up a trunk reads MAF's
+            # fusion, which carries some of the other modality). Unused: removed under jit.
             first, second = self.modalities
             k = f9[first].shape[-1]
             alone = {first: pooled.at[..., k:].set(0), second: pooled.at[..., :k].set(0)}

@@ -130,7 +130,8 @@ def generate(
     cue_noise: float = CUE_NOISE,
     progress=None,
 ) -> pathlib.Path:
-    """Write the dataset under `out_dir` (data/, splits/, manifest.csv); returns the manifest."""
+    """Write the dataset under `out_dir` (data/, splits/, cues.csv, generator.json, and
+    manifest.csv last); returns the manifest."""
     out = pathlib.Path(out_dir)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -157,20 +158,21 @@ def generate(
     for i, s in split_of.items():
         (out / "splits" / s).mkdir(parents=True, exist_ok=True)
         (out / "splits" / s / i).touch()
+    # the manifest last: its presence marks a finished set
+    drawn = dict(seed=seed, patients=n_patients, image_size=image_size, cue_noise=cue_noise)
+    drawn["malignant_fraction"] = malignant_fraction
+    (out / GENERATOR_FILE).write_text(json.dumps(drawn))
+    with (out / CUES_FILE).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", *CUES])
+        for i, cues in zip(ids, shown):
+            w.writerow([i, *(int(cues[c]) for c in CUES)])
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["patient_id", "bmode", "swe", "label", "split"])
         for i in ids:
             w.writerow([i, f"data/{i}/gray.jpg", f"data/{i}/elastic.jpg", label_of[i], split_of[i]])
-    with (out / CUES_FILE).open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["patient_id", *CUES])
-        for i, cues in zip(ids, shown):
-            w.writerow([i, *(int(cues[c]) for c in CUES)])
-    drawn = dict(seed=seed, patients=n_patients, image_size=image_size, cue_noise=cue_noise)
-    drawn["malignant_fraction"] = malignant_fraction
-    (out / GENERATOR_FILE).write_text(json.dumps(drawn))
     return manifest
 
 

@@ -43,6 +43,7 @@ from famf_jax.experiment import (
     create_state,
     fold_dir,
     image_config,
+    modalities,
     rdo_config,
     resolve_data,
     split_metrics,
@@ -85,6 +86,7 @@ def loss_and_selection(cfg, model, state: TrainState, batch: dict, active, warm:
 
         loss = objective(out["logits"])
         if cfg.train.stream_loss and "stream_logits_swe" in out:
+            aux["fused_loss"] = loss  # logged beside the total
             alone = [objective(out[f"stream_logits_{m}"]) for m in ("bmode", "swe")]
             loss = loss + cfg.train.stream_loss * sum(alone)
         return loss, aux
@@ -117,6 +119,8 @@ def train_step(cfg, tx, state: TrainState, batch: dict, active, new_epoch, *, wa
     ok = nonfinite.all_finite((loss, grads))
     new = nonfinite.keep_if(ok, new, state.replace(step=state.step + 1))
     out = {"loss": loss, "counts": jnp.where(ok, counts, 0), "skipped": nonfinite.skipped(ok)}
+    if "fused_loss" in aux:
+        out["fused_loss"] = aux["fused_loss"]
     r = rdo.find_state(new.opt_state)
     if r is not None:
         out.update(alpha0=r.alpha0, gamma=r.gamma, reward=r.pending_reward, dqn_loss=r.dqn_loss)
@@ -217,6 +221,19 @@ def train_fold(cfg, data: dataset.FamfData, fold: int, workdir: pathlib.Path) ->
 def train(cfg, workdir: str | pathlib.Path) -> list[TrainResult]:
     """Trains every fold; result k is fold k's."""
     validate_config(cfg)
+    if cfg.train.stream_loss and len(modalities(cfg)) == 1:
+        logging.warning(
+            "train.stream_loss=%g does nothing with one stream (model.modalities=%s): its "
+            "loss is the fused one; set 0 to compare ablations under the same objective",
+            cfg.train.stream_loss,
+            cfg.model.modalities,
+        )
+    elif cfg.train.stream_loss and cfg.faithful:
+        logging.warning(
+            "faithful with train.stream_loss=%g: the original trains the fused loss alone "
+            "(set --config.train.stream_loss=0 to reproduce it)",
+            cfg.train.stream_loss,
+        )
     # Training's batch splits over the devices; evaluation pads its own (any device count).
     parallel.check_batch(cfg.train.batch_size, "train.batch_size")
     workdir = pathlib.Path(workdir)

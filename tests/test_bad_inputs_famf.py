@@ -569,6 +569,8 @@ def test_unwritable_workdir_fails_before_any_work(data, tmp_path, monkeypatch):
         ("train.epochs", 0),
         ("train.learning_rate", float("nan")),
         ("train.momentum", 1.0),
+        ("train.stream_loss", -0.5),
+        ("train.stream_loss", float("inf")),
         ("train.lr_decay_rate", 0.0),
         ("train.eval_every", 0),
         ("rdo.alpha0", 1.5),

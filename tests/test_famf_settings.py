@@ -147,8 +147,12 @@ def test_stream_loss_adds_each_streams_own_loss_at_the_selection():
     state, _ = experiment.create_state(cfg, SPE)
     b = batch(cfg, 0)
     model = train.build_model(cfg)
-    loss_fn = train.loss_and_selection(cfg, model, state, b, jnp.asarray(True), warm=True)
-    loss, aux = jax.jit(loss_fn)(state.params)
+
+    def value_and_grad(cfg):
+        loss_fn = train.loss_and_selection(cfg, model, state, b, jnp.asarray(True), warm=True)
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+
+    (loss, aux), grads = value_and_grad(cfg)
     run = jax.jit(lambda v, x, s: two_pass(model, v, x, s, warm=True, train=True)[0])
     out = jax.device_get(run(state.variables, b["bmode"], b["swe"]))
     y = np.asarray(b["label"])
@@ -165,3 +169,10 @@ def test_stream_loss_adds_each_streams_own_loss_at_the_selection():
     assert min(alone) > 1e-3 * focal(out["logits"], *chosen)  # both terms matter here
     want = focal(out["logits"], *chosen) + 0.5 * sum(alone)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["fused_loss"]), focal(out["logits"], *chosen), rtol=1e-5)
+    # and the terms train both trunks (a stop_gradient on them would leave the values alone)
+    (_, aux0), grads0 = value_and_grad(config({}))
+    assert "fused_loss" not in aux0
+    for trunk in ("fire9_1", "fire9_2"):
+        g, g0 = (np.asarray(x[trunk]["squeeze"]["conv"]["kernel"]) for x in (grads, grads0))
+        assert np.abs(g - g0).max() > 1e-3 * np.abs(g0).max(), trunk

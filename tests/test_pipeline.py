@@ -3,6 +3,7 @@ import itertools
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from common.loader import iterate
 from famf_jax import pipeline, synthetic
@@ -130,20 +131,28 @@ def test_generated_set_records_how_it_was_drawn(tmp_path):
 
 
 def test_generated_cues_are_the_labels_but_for_the_flipped_ones(tmp_path):
-    # cues.csv: one row per manifest patient; without noise every cue is its label, with
-    # noise 0.5 about half of them are the other class's (the images follow the same draws).
-    def cues_and_labels(folder, noise):
-        synthetic.generate(tmp_path / folder, n_patients=40, image_size=16, seed=4, cue_noise=noise)
-        rows = list(csv.DictReader(open(tmp_path / folder / synthetic.CUES_FILE)))
-        labels = {
-            r["patient_id"]: int(r["label"])
-            for r in csv.DictReader(open(tmp_path / folder / "manifest.csv"))
-        }
+    # cues.csv: one row per manifest patient, in its order; without noise every cue is its
+    # label, with noise 0.5 about half are the other class's, and the image shows the recorded
+    # one: a stiff lesion puts green to red (not blue) pixels in the SWE box, a soft one none.
+    def read(folder, noise):
+        out = tmp_path / folder
+        synthetic.generate(out, n_patients=40, image_size=32, seed=4, cue_noise=noise)
+        with open(out / synthetic.CUES_FILE, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(out / "manifest.csv", newline="") as f:
+            labels = {r["patient_id"]: int(r["label"]) for r in csv.DictReader(f)}
         assert [r["patient_id"] for r in rows] == list(labels)
         cues = np.array([[int(r[c]) for c in synthetic.CUES] for r in rows])
-        return cues, np.array(list(labels.values()))
+        return out, rows, cues, np.array(list(labels.values()))
 
-    cues, y = cues_and_labels("clean", 0.0)
+    _, _, cues, y = read("clean", 0.0)
     assert (cues == y[:, None]).all() and 0 < y.sum() < len(y)
-    cues, y = cues_and_labels("noisy", 0.5)
+    out, rows, cues, y = read("noisy", 0.5)
     assert 0.3 < np.mean(cues != y[:, None]) < 0.7
+    warm = []
+    for r in rows:
+        rgb = np.asarray(Image.open(out / "data" / r["patient_id"] / "elastic.jpg"), int)
+        warm.append(((np.maximum(rgb[..., 0], rgb[..., 1]) - rgb[..., 2]) > 60).sum())
+    stiff = cues[:, synthetic.CUES.index("stiff")] == 1
+    assert stiff.any() and (~stiff).any()
+    assert min(np.array(warm)[stiff]) > 0 and max(np.array(warm)[~stiff]) == 0
