@@ -33,6 +33,7 @@ SETTINGS = {
     "B-mode only": {"model.modalities": "bmode"},
     "SWE only": {"model.modalities": "swe"},
     "RDO off": {"rdo.enabled": False},
+    "stream loss": {"train.stream_loss": 0.5},  # the demo's recipe
 }
 
 
@@ -65,6 +66,9 @@ def test_setting_trains(name):
         out = jax.device_get(out)
         after = jax.device_get(state.params)
         assert np.isfinite(out["loss"]) and int(out["skipped"]) == 0, (name, i, out)
+        # the fused term is logged beside the total, below it, when stream terms add to it
+        assert ("fused_loss" in out) == bool(cfg.train.stream_loss), (name, out)
+        assert out.get("fused_loss", 0) < out["loss"]
         assert moved(params, after), (name, i)
         if cfg.train.optimizer == "sgd":
             velocity = optim.find_state(state.opt_state, optax.TraceState).trace["conv10"]
