@@ -106,7 +106,8 @@ def main() -> None:
     y = np.array([int(r["label"]) for r in rows])
     raw = np.array([float(r["prob_malignant"]) for r in rows])
     cal = np.array([float(r["prob_calibrated"]) for r in rows])
-    op = metrics.classification_metrics(y, np.array([float(r["malignant"]) for r in rows]))
+    op_decision = np.array([int(r["malignant"]) for r in rows])
+    op = metrics.classification_metrics(y, op_decision)
     print(
         f"{work}: {len(y)} further patients ({y.sum()} malignant, seed {args.seed}): "
         f"ROC-AUC {metrics.roc_auc(y, cal):.3f}  F1 at the operating point {op['f1']:.3f} "
@@ -114,22 +115,22 @@ def main() -> None:
         f"F1 at 0.5 {metrics.classification_metrics(y, raw)['f1']:.3f}  "
         f"best F1 of any threshold {metrics.best_f1(y, cal):.3f}"
     )
-    decision = np.array([int(r["malignant"]) for r in rows])
     cues_file = data / synthetic.CUES_FILE
     if cues_file.exists():
-        print_cue_errors(rows, decision, cues_file)
+        print_cue_errors([r["patient_id"] for r in rows], y, op_decision, cues_file)
     else:
         print(f"no {cues_file} (drawn before the generator recorded cues): no errors by cue")
 
 
-def print_cue_errors(rows: list[dict], decision: np.ndarray, cues_file: pathlib.Path) -> None:
+def print_cue_errors(
+    ids: list[str], y: np.ndarray, decision: np.ndarray, cues_file: pathlib.Path
+) -> None:
     """Errors at the operating point by how many cues look malignant and, with one cue
     against the others, by which: a reader weighing the four cues alike is wrong only where
     two or more of them lie."""
     with open(cues_file, newline="") as f:
         shown = {r["patient_id"]: [int(r[c]) for c in synthetic.CUES] for r in csv.DictReader(f)}
-    cues = np.array([shown[r["patient_id"]] for r in rows])
-    y = np.array([int(r["label"]) for r in rows])
+    cues = np.array([shown[i] for i in ids])
     wrong = decision != y
     k = cues.sum(1)
     print("errors at the operating point, by the number of malignant-looking cues of 4:")

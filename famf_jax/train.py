@@ -85,10 +85,10 @@ def loss_and_selection(cfg, model, state: TrainState, batch: dict, active, warm:
             return focal_loss(logits, labels, alpha0, gamma, cfg.train.double_softmax)
 
         loss = objective(out["logits"])
-        if cfg.train.stream_loss and "stream_logits_swe" in out:
+        alone = [v for k, v in out.items() if k.startswith("stream_logits_")]  # two streams
+        if cfg.train.stream_loss and alone:
             aux["fused_loss"] = loss  # logged beside the total
-            alone = [objective(out[f"stream_logits_{m}"]) for m in ("bmode", "swe")]
-            loss = loss + cfg.train.stream_loss * sum(alone)
+            loss = loss + cfg.train.stream_loss * sum(objective(z) for z in alone)
         return loss, aux
 
     return loss_fn

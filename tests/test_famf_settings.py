@@ -3,6 +3,8 @@ steps of each through the real jitted step on generated lesions, with what each 
 promises checked on the way. MAF is on from the first step (warm-up 0) where a setting has it,
 so each setting compiles one program."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,13 @@ def batch(cfg, i: int) -> dict:
     labels = np.array([0, 1, 1, 0] if i % 2 else [1, 0, 0, 1], np.int32)
     bmode, swe = synthetic.make_batch(rng, labels, cfg.data.image_size)
     return jax.device_put({"bmode": bmode, "swe": swe, "label": labels})
+
+
+def focal_by_hand(logp, y, alpha0, gamma) -> float:
+    """mean -alpha_y (1 - p_y)^gamma log p_y from (B, 2) log-probabilities, in float64."""
+    logp_y = logp[np.arange(len(y)), y]
+    alpha = np.where(y == 0, alpha0, 1 - alpha0)
+    return float(np.mean(-alpha * (1 - np.exp(logp_y)) ** gamma * logp_y))
 
 
 def moved(a, b) -> bool:
@@ -130,13 +139,8 @@ def test_focal_loss_is_taken_at_rdos_selection():
     )
     loss, aux = jax.jit(loss_fn)(state.params)
     sel = aux["selection"]
-    probs = np.asarray(aux["probs"], np.float64)
     y = np.asarray(b["label"])
-
-    def focal(alpha0, gamma):
-        p = probs[np.arange(len(y)), y]
-        alpha = np.where(y == 0, alpha0, 1 - alpha0)
-        return np.mean(-alpha * (1 - p) ** gamma * np.log(p))
+    focal = functools.partial(focal_by_hand, np.log(np.asarray(aux["probs"], np.float64)), y)
 
     chosen = (float(sel.alpha0), float(sel.gamma))
     assert chosen != (cfg.rdo.alpha0, cfg.rdo.gamma), "the first action moved nothing"
@@ -164,10 +168,7 @@ def test_stream_loss_adds_each_streams_own_loss_at_the_selection():
 
     def focal(logits, alpha0, gamma):
         z = np.asarray(logits, np.float64)
-        logp = z - np.logaddexp(z[:, :1], z[:, 1:])
-        p = np.exp(logp[np.arange(len(y)), y])
-        alpha = np.where(y == 0, alpha0, 1 - alpha0)
-        return np.mean(-alpha * (1 - p) ** gamma * np.log(p))
+        return focal_by_hand(z - np.logaddexp(z[:, :1], z[:, 1:]), y, alpha0, gamma)
 
     alone = [focal(out[f"stream_logits_{m}"], *chosen) for m in ("bmode", "swe")]
     assert min(alone) > 1e-3 * focal(out["logits"], *chosen)  # both terms matter here
